@@ -1,0 +1,424 @@
+"""CPU runtime: run Megatron-Bridge 0.6.2 / megatron-core 0.19.2 on a machine without CUDA.
+
+Megatron hard-codes CUDA in hundreds of places, so patching call sites does not
+scale. This module instead makes the process look like a one-GPU machine whose
+"GPU" is the CPU:
+
+1. ``transformer_engine`` and ``nvidia_resiliency_ext`` stand-ins, served ONLY
+   to the two Bridge modules that import them without a guard
+   (``megatron.bridge.peft.lora_layers`` and ``megatron.bridge.training.pretrain``).
+   A global stub would flip ``HAVE_TE`` to True all over megatron-core and
+   send it down Transformer-Engine code paths.
+2. A ``TorchFunctionMode`` that maps CUDA device arguments (``"cuda"``,
+   ``"cuda:N"``, integer indices, ``torch.device("cuda")``), ``Tensor.cuda()``,
+   ``Tensor.to("cuda")`` and ``pin_memory`` to the CPU, and reports CPU float
+   tensors as ``torch.cuda.*Tensor`` from ``Tensor.type()`` (an assert in
+   ``megatron/core/optimizer/clip_grads.py`` checks that string).
+3. CPU stand-ins for the ``torch.cuda`` functions Megatron calls
+   (``current_device``, ``synchronize``, ``Event`` on the wall clock, streams,
+   memory statistics, nvtx, RNG state ...). ``torch.cuda.is_available()`` still
+   tells the truth.
+4. Megatron's CUDA RNG tracker helpers on the CPU generator.
+5. Bridge fixes: ``initialize_megatron(allow_no_cuda=True)`` and
+   ``peft.utils.HAVE_TE = False`` (megatron-core defines ``TELinear`` on a
+   MagicMock when TE is absent, so Bridge's own check says "TE present").
+6. Packed (THD) sequences for the local attention: megatron-core's local
+   ``DotProductAttention`` rejects ``packed_seq_params`` (only TE's attention
+   takes them), so ``PackedDotProductAttention`` runs the same local kernel
+   once per packed sequence. Bridge's provider installs it for
+   ``attention_backend=local``. Unpacked batches take the parent's code path.
+7. Checkpoint writes: megatron-core's torch_dist writer creates its results
+   queue in a ``spawn`` Manager, which re-imports ``__main__`` (and megatron:
+   ~10 s per process); it is created with ``fork`` instead, the start method
+   Bridge itself uses for asynchronous saves.
+
+``configure_model(provider)`` and ``configure(config)`` set what Megatron
+needs on the CPU: the local layer spec and attention backend, CPU
+initialisation, every CUDA fusion off, and gloo.
+
+``enable()`` switches it on (idempotent, logs one line); ``maybe_enable(device)``
+does so for ``device="cpu"``, or for ``device="auto"`` when
+``torch.cuda.is_available()`` is false, and does nothing at all on a GPU.
+Importing this module changes nothing.
+
+The mode is thread-local: code that Megatron runs on other threads (none on the
+SFT path with ``num_workers=0`` and synchronous checkpoints) would not see it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+import time
+import types
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_ENABLED = False
+
+# Bridge module -> the missing packages it imports at module level without a guard.
+_STANDIN_IMPORTERS = {
+    "megatron.bridge.peft.lora_layers": ("transformer_engine",),
+    "megatron.bridge.training.pretrain": ("nvidia_resiliency_ext",),
+}
+
+
+class TransformerEngineOnCPUError(RuntimeError):
+    """Transformer Engine is installed on a host where the CPU runtime must run."""
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+def maybe_enable(device: str = "auto") -> bool:
+    """Enable the CPU runtime for ``device="cpu"``, or for ``"auto"`` without a GPU.
+
+    Returns True when the CPU runtime is active afterwards. ``device="cuda"``
+    (or ``"auto"`` on a GPU host) leaves torch and megatron untouched.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'.")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        enable()
+    return _ENABLED
+
+
+def enable() -> None:
+    """Switch the CPU runtime on for this process (idempotent)."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    if importlib.util.find_spec("transformer_engine") is not None:
+        raise TransformerEngineOnCPUError(
+            "Transformer Engine is installed, but this process runs Megatron on the CPU. TE needs CUDA for "
+            "every module and its presence makes megatron-core pick TE layers instead of the local layer "
+            "spec. Remove it from this environment (pip uninstall -y transformer-engine transformer-engine-cu12 "
+            "transformer-engine-torch) or run on a GPU host."
+        )
+    already = sorted(m for m in _STANDIN_IMPORTERS if m in sys.modules)
+    if already:
+        raise RuntimeError(f"enable the CPU runtime before importing megatron.bridge (already imported: {already})")
+
+    sys.meta_path.insert(0, _StandInFinder())
+    _patch_torch_cuda()
+    _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
+    _patch_megatron()
+    _ENABLED = True
+    logger.warning("bridge_sft: CPU runtime active (no CUDA): Megatron runs on the CPU over gloo.")
+
+
+_CUDA_ONLY_FUSIONS = (
+    "gradient_accumulation_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "persist_layer_norm",
+    "apply_rope_fusion",
+    "cross_entropy_loss_fusion",
+)
+
+
+def configure_model(provider) -> None:
+    """Model-provider settings for the CPU: local layer spec and attention, CPU init, no fusions."""
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+    from megatron.core.transformer.enums import AttnBackend
+
+    provider.transformer_layer_spec = local_layer_spec
+    provider.attention_backend = AttnBackend.local
+    provider.use_cpu_initialization = True
+    for name in _CUDA_ONLY_FUSIONS:
+        setattr(provider, name, False)
+
+
+def configure(config) -> None:
+    """``ConfigContainer`` settings for the CPU: ``configure_model`` plus gloo and no pinned memory."""
+    configure_model(config.model)
+    config.dist.distributed_backend = "gloo"
+    config.dataset.pin_memory = False
+
+
+# ---------------------------------------------------------------------------
+# 1. Stand-ins for packages that two Bridge modules import without a guard.
+
+
+class _Missing(type):
+    """A class standing in for any name of a package that is not installed.
+
+    Attribute access yields further stand-ins (``te.ops.Sequential``), so
+    annotations and ``isinstance`` checks work (nothing is an instance);
+    instantiating one raises ImportError.
+    """
+
+    def __getattr__(cls, name: str) -> "_Missing":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Missing(f"{cls.__qualname__}.{name}", (), {"__module__": cls.__module__})
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{cls.__qualname__} is not available: its package is not installed (CPU runtime).")
+
+
+def _standin_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name, f"bridge_sft CPU-runtime stand-in for the missing package {name!r}")
+
+    def __getattr__(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(f"{name}.{attr}", (), {"__module__": name})
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+def _import_with_standins(missing: tuple[str, ...]):
+    """An ``__import__`` that serves stand-ins for ``missing`` packages and delegates all else."""
+    real_import = builtins.__import__
+
+    def __import__(name, globals=None, locals=None, fromlist=(), level=0):
+        root = name.partition(".")[0]
+        if level == 0 and root in missing and importlib.util.find_spec(root) is None:
+            if fromlist:
+                return _standin_module(name)
+            return _standin_module(root)  # `import a.b as x` binds via getattr(a, "b")
+        return real_import(name, globals, locals, fromlist, level)
+
+    return __import__
+
+
+class _StandInLoader(importlib.abc.Loader):
+    """Executes a module with a private builtins dict whose ``__import__`` serves stand-ins.
+
+    Only the import statements of that one module see the stand-ins; ``sys.modules``
+    never holds them, so every other ``import transformer_engine`` still fails.
+    """
+
+    def __init__(self, loader: importlib.abc.Loader, missing: tuple[str, ...]):
+        self._loader = loader
+        self._missing = missing
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__builtins__ = {**builtins.__dict__, "__import__": _import_with_standins(self._missing)}
+        self._loader.exec_module(module)
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        missing = _STANDIN_IMPORTERS.get(fullname)
+        if missing is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _StandInLoader(spec.loader, missing)
+        return spec
+
+
+# ---------------------------------------------------------------------------
+# 2. Device redirection at the torch level.
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CPU = torch.device("cpu")
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.is_pinned:
+            return False
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if kwargs.pop("pin_memory", False):
+            pass
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# 3. torch.cuda stand-ins.
+
+
+class _Event:
+    """``torch.cuda.Event`` on the wall clock; ``elapsed_time`` in milliseconds."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_Event") -> float:
+        return (end._t - self._t) * 1000.0
+
+
+class _Stream:
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _Event:
+        event = event or _Event()
+        event.record()
+        return event
+
+
+def _returns(value: Any):
+    """A new function returning ``value``. Each stand-in must be a distinct object:
+    torch._dynamo keys its trace rules by function identity."""
+    return lambda *args, **kwargs: value
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    stream = _Stream()
+    replacements = {
+        "current_device": _returns(0),
+        "set_device": _returns(None),
+        "device_count": _returns(1),
+        "synchronize": _returns(None),
+        "empty_cache": _returns(None),
+        "memory_allocated": _returns(0),
+        "max_memory_allocated": _returns(0),
+        "memory_reserved": _returns(0),
+        "max_memory_reserved": _returns(0),
+        "reset_peak_memory_stats": _returns(None),
+        "reset_max_memory_allocated": _returns(None),
+        "memory_stats": lambda *args, **kwargs: {},
+        "Event": _Event,
+        "Stream": _Stream,
+        "current_stream": lambda *a, **k: stream,
+        "default_stream": lambda *a, **k: stream,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator
+        # directly, and let manual_seed_all do nothing (the CPU generator is already seeded).
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(int(seed)) and None,
+        "manual_seed_all": _returns(None),
+    }
+    for name, value in replacements.items():
+        setattr(cuda, name, value)
+    cuda.random.get_rng_state = replacements["get_rng_state"]
+    cuda.random.set_rng_state = replacements["set_rng_state"]
+    for name in ("range_push", "range_pop", "mark"):
+        setattr(cuda.nvtx, name, _returns(None))
+    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# 4./5. Megatron RNG tracker on the CPU generator, and Bridge fixes.
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # On the CPU the "CUDA" and CPU generators are one, so the tracker's fork() always sees
+    # the CPU state change inside the fork and warns; the state is restored on exit all the same.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
+
+    from megatron.bridge.models import gpt_provider
+    from megatron.bridge.peft import utils as peft_utils
+    from megatron.bridge.training import setup as bridge_setup
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue(mp_mode="fork")
+    gpt_provider.MCoreDotProductAttention = _packed_dot_product_attention_class()
+
+    peft_utils.HAVE_TE = False
+
+    real_initialize_megatron = bridge_setup.initialize_megatron
+
+    def initialize_megatron(*args: Any, **kwargs: Any):
+        kwargs["allow_no_cuda"] = True
+        return real_initialize_megatron(*args, **kwargs)
+
+    bridge_setup.initialize_megatron = initialize_megatron
+
+
+def _packed_dot_product_attention_class():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class PackedDotProductAttention(DotProductAttention):
+        """Local core attention that also takes THD packed sequences.
+
+        With ``packed_seq_params`` (qkv_format "thd"), query/key/value arrive as
+        ``[t, heads, head_dim]`` for one row of ``t`` packed tokens; each
+        sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` gets causal attention to
+        itself only, through the parent's own kernel, and the result is
+        ``[t, 1, heads * head_dim]`` as TE's THD attention returns it.
+        """
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+            bounds = cu_seqlens.tolist()
+            if bounds[-1] < query.size(0):  # trailing padding: a sequence of its own
+                bounds.append(query.size(0))
+            outputs = [
+                super(PackedDotProductAttention, self).forward(
+                    query[start:end].unsqueeze(1),
+                    key[start:end].unsqueeze(1),
+                    value[start:end].unsqueeze(1),
+                    None,
+                    AttnMaskType.causal,
+                    attention_bias,
+                )
+                for start, end in zip(bounds[:-1], bounds[1:])
+                if end > start
+            ]
+            return torch.cat(outputs, dim=0)
+
+    return PackedDotProductAttention

@@ -1,0 +1,180 @@
+"""The SFT forward step: the model computes per-token losses, Bridge reduces them.
+
+``forward_step`` is what ``finetune(config, forward_step)`` calls once per
+micro-batch. It
+
+1. takes the micro-batch through Bridge's own ``gpt_step.get_batch`` (pipeline
+   stages, packed ``cu_seqlens`` metadata, context-parallel slicing), after
+   normalising it (``normalize_batch``: ``[batch, seq]`` shapes, position ids,
+   HF ``-100`` labels);
+2. calls ``model(tokens, position_ids, attention_mask, labels=labels)``: with
+   labels, megatron-core's GPTModel returns per-token losses ``[b, s]``
+   (fp32, vocab-parallel cross-entropy, no logits materialised by us);
+3. returns them with Bridge's ``masked_next_token_loss``, which sums
+   ``losses * loss_mask`` and returns ``(loss_sum, num_tokens, {"lm loss": ...})``
+   so Megatron divides by the number of supervised tokens of the whole global
+   batch (with ``model.calculate_per_token_loss=True``, see ``bridge_sft.train``).
+
+There is no cross-entropy, label shift or reduction here: the dataset shifts
+labels (``tokens = ids[:-1]``, ``labels = ids[1:]``), the model computes the
+loss, Bridge reduces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from megatron.bridge.training.gpt_step import get_batch
+from megatron.bridge.training.losses import create_masked_next_token_loss_function
+from megatron.bridge.training.state import GlobalState
+from megatron.bridge.training.utils.flop_utils import accumulate_flops_metadata, get_model_chunk_vp_stage
+from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
+from megatron.bridge.training.utils.pg_utils import get_pg_collection
+from megatron.core.utils import get_model_config
+
+IGNORE_INDEX = -100  # HF convention for "no loss at this position"
+
+_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class DataExhaustedError(RuntimeError):
+    """The data iterator ran out in the middle of a training or evaluation step."""
+
+
+def normalize_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Bring a micro-batch into the form ``get_batch`` and the model expect.
+
+    - ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` of shape ``[seq]``
+      become ``[1, seq]``;
+    - labels equal to -100 get ``loss_mask = 0`` and the valid token id 0
+      (megatron-core's cross-entropy has no ignore_index: a -100 label would
+      give a finite, non-zero loss, or an index error on GPU);
+    - a missing ``loss_mask`` is ``labels != -100`` (float);
+    - missing ``position_ids`` are ``0..seq-1`` per row, restarting at every
+      packed-sequence boundary when ``cu_seqlens_q`` is present.
+    """
+    batch = dict(batch)
+    for key in _SEQUENCE_KEYS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            batch[key] = value.unsqueeze(0)
+
+    labels = batch["labels"]
+    ignored = labels == IGNORE_INDEX
+    loss_mask = batch.get("loss_mask")
+    if loss_mask is None:
+        loss_mask = torch.ones(labels.shape, dtype=torch.float32)
+    if ignored.any():
+        batch["labels"] = labels.masked_fill(ignored, 0)
+        loss_mask = loss_mask.masked_fill(ignored, 0)
+    batch["loss_mask"] = loss_mask
+
+    if batch.get("position_ids") is None:
+        batch["position_ids"] = _position_ids(batch["tokens"], batch.get("cu_seqlens_q"))
+    return batch
+
+
+def _position_ids(tokens: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    batch_size, seq_len = tokens.shape
+    positions = torch.arange(seq_len, dtype=torch.long).expand(batch_size, seq_len).clone()
+    if cu_seqlens is not None:
+        for row, bounds in enumerate(cu_seqlens.view(batch_size, -1).tolist()):
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                positions[row, start:end] -= start
+    return positions
+
+
+class _SFTBatches:
+    """Wraps the data iterator: normalises each batch, explains exhaustion."""
+
+    def __init__(self, data_iterator: Iterator, state: GlobalState, training: bool):
+        self._iterator = data_iterator
+        self._state = state
+        self._training = training
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise DataExhaustedError(self._exhausted_message()) from None
+        return normalize_batch(batch)
+
+    def _exhausted_message(self) -> str:
+        cfg, train_state = self._state.cfg, self._state.train_state
+        if not self._training:
+            return (
+                f"the validation/test data ran out during evaluation at iteration {train_state.step}: "
+                f"validation.eval_iters={cfg.validation.eval_iters} x "
+                f"train.global_batch_size={cfg.train.global_batch_size} samples are needed per evaluation. "
+                "Lower validation.eval_iters, or give the validation split more samples."
+            )
+        return (
+            f"the training data ran out at iteration {train_state.step + 1} of {cfg.train.train_iters} "
+            f"after {train_state.consumed_train_samples} samples: the dataset is smaller than "
+            f"train.train_iters x train.global_batch_size = "
+            f"{cfg.train.train_iters * cfg.train.global_batch_size} samples. Lower train.train_iters, "
+            "or let the data repeat for several epochs (dataset.dataloader_type='cyclic')."
+        )
+
+
+def forward_step(
+    state: GlobalState,
+    data_iterator: Iterator | None,
+    model: torch.nn.Module,
+    return_schedule_plan: bool = False,
+):
+    """One SFT micro-batch: ``(output_tensor, loss_func)`` for Megatron's schedule.
+
+    ``output_tensor`` is the per-token loss ``[b, s]`` (fp32) on the last
+    pipeline stage, hidden states on the others. ``loss_func(output_tensor)``
+    returns ``(loss_sum, num_tokens, {"lm loss": tensor([loss_sum, num_tokens])})``.
+    """
+    config = get_model_config(model)
+    pg_collection = get_pg_collection(model)
+    vp_stage = get_model_chunk_vp_stage(model)
+    batches = _SFTBatches(data_iterator, state, training=model.training)
+
+    state.timers("batch-generator", log_level=2).start()
+    tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_metadata = get_batch(
+        batches,
+        state.cfg,
+        use_mtp=bool(getattr(config, "mtp_num_layers", None)),
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    state.timers("batch-generator").stop()
+
+    packed_seq_params = None
+    if packed_seq_metadata is not None:
+        packed_seq_params = get_packed_seq_params(packed_seq_metadata)
+    # FLOPs accounting for Bridge's throughput log; like gpt_step, the packed
+    # (sum of s_i^2) attention term only for CP=1, whose cu_seqlens are not CP-sliced.
+    use_thd_flops = packed_seq_params is not None and pg_collection.cp.size() == 1
+    accumulate_flops_metadata(
+        state,
+        tokens,
+        vp_stage=vp_stage,
+        config_seq_len=config.seq_length,
+        cu_seqlens=packed_seq_params.cu_seqlens_q if use_thd_flops else None,
+    )
+
+    loss_func = create_masked_next_token_loss_function(
+        loss_mask,
+        check_for_nan_in_loss=state.cfg.rerun_state_machine.check_for_nan_in_loss,
+        check_for_spiky_loss=state.cfg.rerun_state_machine.check_for_spiky_loss,
+    )
+    if return_schedule_plan:  # MoE expert-parallel communication overlap
+        plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+        return plan, loss_func
+    output = model(
+        input_ids=tokens,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        packed_seq_params=packed_seq_params,
+    )
+    return output, loss_func

@@ -1,0 +1,79 @@
+"""Run SFT under Megatron-Bridge's standard ``finetune()`` loop with our forward step.
+
+``run(config)`` is the one entry point the CLI, the demo, the notebooks and the
+tests share: it switches the CPU runtime on where needed, applies the Bridge
+fixes, checks the config (averaging flags, sequence lengths) and calls
+``finetune(config, forward_step)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from bridge_sft import cpu
+
+cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
+
+from megatron.bridge.training.config import ConfigContainer  # noqa: E402
+from megatron.bridge.training.finetune import finetune  # noqa: E402
+
+from bridge_sft import bridge_fixes  # noqa: E402
+from bridge_sft.step import forward_step  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MEAN_OF_MEANS_WARNING = (
+    "model.calculate_per_token_loss=False: Megatron divides each micro-batch's loss by that micro-batch's "
+    "own number of supervised tokens and then averages the micro-batches (a mean of means). A short answer "
+    "then weighs as much as a long one, and the gradient changes with micro_batch_size, the number of "
+    "micro-batches and the data-parallel size. The logged 'lm loss' is a token mean either way, so loss "
+    "curves do not show it. Set model.calculate_per_token_loss=True and ddp.average_in_collective=False "
+    "(bridge-sft's default) for a true per-token mean over the global batch."
+)
+
+
+def use_per_token_loss(config: ConfigContainer) -> ConfigContainer:
+    """Average the loss over the supervised tokens of the whole global batch (our default).
+
+    With ``calculate_per_token_loss=True`` every micro-batch returns its loss
+    sum and token count, and Megatron scales the gradients by the total token
+    count over all micro-batches and DP x CP ranks; that requires
+    ``ddp.average_in_collective=False`` (a sum, not a mean, in the all-reduce).
+    """
+    config.model.calculate_per_token_loss = True
+    config.ddp.average_in_collective = False
+    return config
+
+
+def check_config(config: ConfigContainer) -> None:
+    """Reject configs that cannot train correctly; warn about ones that train differently."""
+    if not config.model.calculate_per_token_loss:
+        warnings.warn(MEAN_OF_MEANS_WARNING, stacklevel=2)
+    elif config.ddp.average_in_collective:
+        raise ValueError(
+            "model.calculate_per_token_loss=True needs ddp.average_in_collective=False: the gradient all-reduce "
+            "must sum, and Megatron divides by the global supervised-token count itself. "
+            "Set ddp.average_in_collective=False."
+        )
+    data_seq_length = getattr(config.dataset, "seq_length", None)
+    if data_seq_length is not None and data_seq_length != config.model.seq_length:
+        raise ValueError(
+            f"dataset.seq_length={data_seq_length} but model.seq_length={config.model.seq_length}: samples are "
+            "packed/padded to the dataset's length and the model is built for its own. Set both to the same "
+            f"value (e.g. dataset.seq_length={config.model.seq_length})."
+        )
+
+
+def run(config: ConfigContainer, device: str = "auto", callbacks=None) -> None:
+    """Fine-tune with Bridge's ``finetune()`` and ``bridge_sft.step.forward_step``.
+
+    ``device``: ``"auto"`` (CPU runtime when torch sees no GPU), ``"cpu"`` or ``"cuda"``.
+    On the CPU runtime the model and distributed settings are switched to their
+    CPU forms (``bridge_sft.cpu.configure``).
+    """
+    if cpu.maybe_enable(device):
+        cpu.configure(config)
+    bridge_fixes.apply()
+    check_config(config)
+    finetune(config, forward_step, callbacks=callbacks)
