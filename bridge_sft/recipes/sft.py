@@ -1,0 +1,170 @@
+"""The generic SFT recipe: an HF checkpoint and chat data in, a Bridge ``ConfigContainer`` out.
+
+Like Bridge's own recipe functions, ``sft()`` is a plain function returning a
+plain config; every field can be changed afterwards (or from the command line
+with ``key=value`` overrides). What it always sets, and the reason:
+
+- ``model.calculate_per_token_loss=True`` and ``ddp.average_in_collective=False``:
+  the loss is a true mean over the supervised tokens of the global batch
+  (``bridge_sft.train.use_per_token_loss``);
+- ``checkpoint.pretrained_checkpoint=hf_path``: Bridge loads the HF weights
+  directly at start-up, no conversion step;
+- ``checkpoint.load == checkpoint.save``: re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bridge_sft import cpu
+
+cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
+
+import torch  # noqa: E402
+from megatron.bridge import AutoBridge  # noqa: E402
+from megatron.bridge.peft.lora import LoRA  # noqa: E402
+from megatron.bridge.training.config import (  # noqa: E402
+    CheckpointConfig,
+    ConfigContainer,
+    DistributedInitConfig,
+    LoggerConfig,
+    OptimizerConfig,
+    RNGConfig,
+    SchedulerConfig,
+    TokenizerConfig,
+    TrainingConfig,
+    ValidationConfig,
+)
+from megatron.bridge.data.base import DatasetProvider  # noqa: E402
+from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
+
+from bridge_sft.train import use_per_token_loss  # noqa: E402
+
+PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp32")
+
+
+def sft(
+    hf_path: str,
+    data: str | list[str] | None = None,
+    *,
+    dataset: DatasetProvider | None = None,
+    output_dir: str = "outputs/sft",
+    seq_length: int = 2048,
+    packing: bool = True,
+    train_on: str = "assistant",
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    context_parallel: int = 1,
+    sequence_parallel: bool = False,
+    micro_batch_size: int = 1,
+    global_batch_size: int = 32,
+    train_iters: int = 1000,
+    lr: float = 5e-6,
+    min_lr: float = 0.0,
+    warmup_iters: int = 50,
+    weight_decay: float = 0.1,
+    adam_beta2: float = 0.98,
+    clip_grad: float = 1.0,
+    precision: str = "bf16-mixed",
+    distributed_optimizer: bool = True,
+    peft: str | None = None,
+    lora_dim: int = 32,
+    lora_alpha: int = 32,
+    eval_interval: int | None = 100,
+    eval_iters: int = 8,
+    save_interval: int | None = 100,
+    log_interval: int = 1,
+    seed: int = 1234,
+) -> ConfigContainer:
+    """Full fine-tuning (or LoRA with ``peft="lora"``) of the HF model at ``hf_path``.
+
+    ``data``: chat data file(s) or directory for ``SFTDatasetProvider``; or pass a
+    ready ``dataset`` provider. ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``
+    or ``"fp32"``. Outputs (checkpoints, TensorBoard logs, data cache) go under
+    ``output_dir``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if peft not in (None, "none", "lora"):
+        raise ValueError(f"peft must be None or 'lora', not {peft!r}")
+    if (data is None) == (dataset is None):
+        raise ValueError("give exactly one of data= (files for SFTDatasetProvider) or dataset= (a provider)")
+
+    model = AutoBridge.from_hf_pretrained(hf_path).to_megatron_provider(load_weights=False)
+    model.seq_length = seq_length
+    model.tensor_model_parallel_size = tensor_parallel
+    model.pipeline_model_parallel_size = pipeline_parallel
+    model.context_parallel_size = context_parallel
+    model.sequence_parallel = sequence_parallel
+    model.pipeline_dtype = torch.bfloat16 if pipeline_parallel > 1 and precision == "bf16-mixed" else None
+    if precision == "fp32":
+        model.bf16, model.fp16, model.params_dtype = False, False, torch.float32
+
+    if dataset is None:
+        from bridge_sft.data.provider import SFTDatasetProvider
+
+        dataset = SFTDatasetProvider(
+            data_path=data,
+            tokenizer_path=hf_path,
+            seq_length=seq_length,
+            packing=packing,
+            train_on=train_on,
+            pad_seq_to_mult=2 * context_parallel if context_parallel > 1 else 1,
+            cache_dir=os.path.join(output_dir, "data_cache"),
+            seed=seed,
+        )
+
+    config = ConfigContainer(
+        model=model,
+        train=TrainingConfig(
+            train_iters=train_iters,
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+        ),
+        validation=ValidationConfig(eval_interval=eval_interval, eval_iters=eval_iters),
+        optimizer=OptimizerConfig(
+            optimizer="adam",
+            lr=lr,
+            min_lr=min_lr,
+            weight_decay=weight_decay,
+            adam_beta1=0.9,
+            adam_beta2=adam_beta2,
+            adam_eps=1e-8,
+            clip_grad=clip_grad,
+            bf16=precision == "bf16-mixed",
+            fp16=precision == "fp16-mixed",
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        scheduler=SchedulerConfig(
+            lr_decay_style="cosine",
+            lr_warmup_iters=warmup_iters,
+            lr_warmup_init=0.0,
+            lr_decay_iters=None,  # train_iters
+            start_weight_decay=weight_decay,
+            end_weight_decay=weight_decay,
+            weight_decay_incr_style="constant",
+            override_opt_param_scheduler=True,  # as Bridge's recipes: the config, not the checkpoint, sets the schedule
+        ),
+        ddp=DistributedDataParallelConfig(
+            check_for_nan_in_grad=True,
+            grad_reduce_in_fp32=precision != "fp32",
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        dataset=dataset,
+        logger=LoggerConfig(log_interval=log_interval, tensorboard_dir=os.path.join(output_dir, "tb_logs")),
+        tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_path),
+        checkpoint=CheckpointConfig(
+            save=os.path.join(output_dir, "checkpoints"),
+            load=os.path.join(output_dir, "checkpoints"),
+            save_interval=save_interval,
+            pretrained_checkpoint=hf_path,
+            ckpt_format="torch_dist",
+            fully_parallel_save=True,
+        ),
+        rng=RNGConfig(seed=seed),
+        dist=DistributedInitConfig(),
+        mixed_precision=None if precision == "fp32" else precision,  # Bridge's named mixed-precision recipes
+        peft=LoRA(target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], dim=lora_dim,
+                  alpha=lora_alpha) if peft == "lora" else None,
+    )
+    return use_per_token_loss(config)

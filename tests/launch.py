@@ -1,0 +1,60 @@
+"""Run test drivers in their own processes.
+
+Megatron-Bridge and megatron-core keep process-global singletons (a second
+``finetune()`` in one process fails), so every test that runs Bridge's
+training loop runs its driver script in a fresh Python process, or under
+``torchrun`` for multi-rank (gloo) tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVERS = Path(__file__).resolve().parent / "drivers"
+CORES = os.cpu_count() or 1
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float, check: bool) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}; output tail:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def run_python(script: str | Path, *args: str, timeout: float = 600, check: bool = True):
+    """Run ``python script args`` (``script`` relative to tests/drivers/ or absolute); return the process."""
+    return _run([sys.executable, str(DRIVERS / script), *map(str, args)], _env(CORES), timeout, check)
+
+
+def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 600, check: bool = True):
+    """Run ``script`` under torchrun with ``nproc`` ranks on one node (gloo on CPU); return the process."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+        str(DRIVERS / script), *map(str, args),
+    ]
+    return _run(cmd, _env(max(1, CORES // nproc)), timeout, check)
