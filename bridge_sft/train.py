@@ -65,15 +65,16 @@ def check_config(config: ConfigContainer) -> None:
         )
 
 
-def run(config: ConfigContainer, device: str = "auto", callbacks=None) -> None:
+def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_step_func=forward_step) -> None:
     """Fine-tune with Bridge's ``finetune()`` and ``bridge_sft.step.forward_step``.
 
     ``device``: ``"auto"`` (CPU runtime when torch sees no GPU), ``"cpu"`` or ``"cuda"``.
     On the CPU runtime the model and distributed settings are switched to their
-    CPU forms (``bridge_sft.cpu.configure``).
+    CPU forms (``bridge_sft.cpu.configure``). ``callbacks``: Bridge ``Callback``s.
+    ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
     """
     if cpu.maybe_enable(device):
         cpu.configure(config)
     bridge_fixes.apply()
     check_config(config)
-    finetune(config, forward_step, callbacks=callbacks)
+    finetune(config, forward_step_func, callbacks=callbacks)

@@ -6,28 +6,17 @@ process-global state.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-from launch import run_python, run_torchrun
+from launch import train_tiny
 from samples import dialog_token_samples
 
 SEQ = 32
 
 
 def train(tmp_path, name, spec, nproc=1):
-    spec = {"out": str(tmp_path / f"{name}.json"), "seq_length": SEQ, **spec}
-    spec_path = tmp_path / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    if nproc == 1:
-        run_python("train_tiny.py", spec_path)
-    else:
-        run_torchrun("train_tiny.py", spec_path, nproc=nproc)
-    result = json.loads((tmp_path / f"{name}.json").read_text())
-    result["losses"] = {int(k): v for k, v in result["losses"].items()}
-    result["val_losses"] = {int(k): v for k, v in result["val_losses"].items()}
-    return result
+    return train_tiny(tmp_path, name, {"seq_length": SEQ, **spec}, nproc)
 
 
 def test_finetune_trains_validates_saves_and_resumes_exactly(tiny_llama, tmp_path):
