@@ -39,6 +39,7 @@ from megatron.bridge.training.utils.pg_utils import get_pg_collection  # noqa: E
 from megatron.core.utils import get_model_config  # noqa: E402
 
 from bridge_sft.batch import normalize_batch  # noqa: E402
+from bridge_sft.callbacks import count_tokens  # noqa: E402
 
 
 class DataExhaustedError(RuntimeError):
@@ -107,6 +108,8 @@ def forward_step(
         vp_stage=vp_stage,
     )
     state.timers("batch-generator").stop()
+    if model.training and loss_mask is not None:
+        count_tokens(state, loss_mask)  # supervised vs padded-slot tokens/s (bridge_sft.callbacks)
 
     packed_seq_params = None
     if packed_seq_metadata is not None:

@@ -20,6 +20,7 @@ from megatron.bridge.training.finetune import finetune  # noqa: E402
 
 from bridge_sft import bridge_fixes  # noqa: E402
 from bridge_sft.step import forward_step  # noqa: E402
+from bridge_sft.callbacks import TokenThroughput  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,20 @@ def check_config(config: ConfigContainer) -> None:
         )
 
 
-def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_step_func=forward_step) -> None:
+def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_step_func=forward_step) -> dict:
     """Fine-tune with Bridge's ``finetune()`` and ``bridge_sft.step.forward_step``.
 
     ``device``: ``"auto"`` (CPU runtime when torch sees no GPU), ``"cpu"`` or ``"cuda"``.
     On the CPU runtime the model and distributed settings are switched to their
-    CPU forms (``bridge_sft.cpu.configure``). ``callbacks``: Bridge ``Callback``s.
+    CPU forms (``bridge_sft.cpu.configure``). ``callbacks``: Bridge ``Callback``s, run
+    after our ``TokenThroughput`` (supervised and slot tokens/s in the log).
     ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
+    Returns the run's token totals: supervised tokens, slot tokens, seconds, steps.
     """
     if cpu.maybe_enable(device):
         cpu.configure(config)
     bridge_fixes.apply()
     check_config(config)
-    finetune(config, forward_step_func, callbacks=callbacks)
+    throughput = TokenThroughput()
+    finetune(config, forward_step_func, callbacks=[throughput, *(callbacks or [])])
+    return throughput.totals

@@ -73,6 +73,7 @@ def sft(
     eval_interval: int | None = 100,
     eval_iters: int = 8,
     save_interval: int | None = 100,
+    save_hf: bool = False,
     log_interval: int = 1,
     seed: int = 1234,
 ) -> ConfigContainer:
@@ -81,7 +82,9 @@ def sft(
     ``data``: chat data file(s) or directory for ``SFTDatasetProvider``; or pass a
     ready ``dataset`` provider. ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``
     or ``"fp32"``. Outputs (checkpoints, TensorBoard logs, data cache) go under
-    ``output_dir``.
+    ``output_dir``. ``save_hf``: with every checkpoint also write the HF weights to
+    ``checkpoints/iter_N/hf`` (Bridge's ``also_save_hf_checkpoint``; LoRA runs write an HF
+    PEFT adapter there, ``bridge-sft convert export`` merges it).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -151,7 +154,9 @@ def sft(
             use_distributed_optimizer=distributed_optimizer,
         ),
         dataset=dataset,
-        logger=LoggerConfig(log_interval=log_interval, tensorboard_dir=os.path.join(output_dir, "tb_logs")),
+        logger=LoggerConfig(
+            log_interval=log_interval, log_throughput=True, tensorboard_dir=os.path.join(output_dir, "tb_logs")
+        ),
         tokenizer=TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_path),
         checkpoint=CheckpointConfig(
             save=os.path.join(output_dir, "checkpoints"),
@@ -160,6 +165,7 @@ def sft(
             pretrained_checkpoint=hf_path,
             ckpt_format="torch_dist",
             fully_parallel_save=True,
+            also_save_hf_checkpoint=save_hf,
         ),
         rng=RNGConfig(seed=seed),
         dist=DistributedInitConfig(),

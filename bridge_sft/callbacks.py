@@ -1,0 +1,96 @@
+"""Bridge callbacks of bridge-sft: useful-work throughput and a loss history.
+
+Throughput: supervised tokens/s next to padded-slot tokens/s.
+
+Bridge logs iteration time and (with ``logger.log_throughput``) model TFLOP/s,
+which count padding and prompt tokens as work. SFT users want to see how many
+tokens the model actually learns from: ``count_tokens`` (called by the forward
+step on every training micro-batch) adds up ``loss_mask.sum()`` (supervised
+tokens) and ``loss_mask.numel()`` (slots, padding included) on the device, and
+the ``TokenThroughput`` callback turns them into per-second rates every
+``logger.log_interval`` iterations, summed over the data- and context-parallel
+ranks. Nothing here synchronises inside a step; one small all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bridge_sft import cpu
+
+cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
+
+from megatron.bridge.training.callbacks import Callback  # noqa: E402
+from megatron.bridge.training.state import GlobalState  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+
+_COUNTS = "_bridge_sft_token_counts"
+
+
+def count_tokens(state: GlobalState, loss_mask: torch.Tensor) -> None:
+    """Add one micro-batch's supervised tokens and slots to the step's running counts."""
+    counts = getattr(state, _COUNTS, None)
+    if counts is None or counts.device != loss_mask.device:
+        counts = torch.zeros(2, dtype=torch.float64, device=loss_mask.device)
+        setattr(state, _COUNTS, counts)
+    counts[0] += loss_mask.sum()
+    counts[1] += loss_mask.numel()
+
+
+class TokenThroughput(Callback):
+    """Logs supervised and slot tokens/s; keeps run totals in ``totals`` (read by the demo)."""
+
+    def __init__(self) -> None:
+        self.totals = {"supervised_tokens": 0.0, "slot_tokens": 0.0, "seconds": 0.0, "steps": 0}
+        self._window = [0.0, 0.0, 0.0]
+        self._step_start = 0.0
+
+    def on_train_step_start(self, context) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_step_end(self, context) -> None:
+        seconds = time.perf_counter() - self._step_start
+        state = context.state
+        counts = getattr(state, _COUNTS, None)
+        if counts is None:  # not the last pipeline stage: no loss_mask here
+            counts = torch.zeros(2, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        supervised, slots = counts.tolist()
+        counts.zero_()
+        for key, value in (("supervised_tokens", supervised), ("slot_tokens", slots), ("seconds", seconds)):
+            self.totals[key] += value
+        self.totals["steps"] += 1
+        self._window = [self._window[0] + supervised, self._window[1] + slots, self._window[2] + seconds]
+
+        iteration = state.train_state.step + 1
+        interval = state.cfg.logger.log_interval or 1
+        if iteration % interval == 0 and self._window[2] > 0:
+            sup_rate, slot_rate = self._window[0] / self._window[2], self._window[1] / self._window[2]
+            share = self._window[0] / max(self._window[1], 1.0)
+            if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+                print(f" [bridge-sft] iteration {iteration:>8} | supervised tokens/s: {sup_rate:,.0f} | "
+                      f"slot tokens/s: {slot_rate:,.0f} | supervised share of slots: {share:.1%}", flush=True)
+            writer = state.tensorboard_logger
+            if writer is not None:
+                writer.add_scalar("throughput/supervised_tokens_per_sec", sup_rate, iteration)
+                writer.add_scalar("throughput/slot_tokens_per_sec", slot_rate, iteration)
+            self._window = [0.0, 0.0, 0.0]
+
+
+class LossHistory(Callback):
+    """Keeps ``train[iteration] = lm loss`` and ``validation[iteration] = lm loss`` (rank-local values,
+    already reduced across data-parallel ranks by Bridge)."""
+
+    def __init__(self) -> None:
+        self.train: dict[int, float] = {}
+        self.validation: dict[int, float] = {}
+
+    def on_train_step_end(self, context) -> None:
+        if context.loss_dict and "lm loss" in context.loss_dict:
+            self.train[context.state.train_state.step + 1] = float(context.loss_dict["lm loss"])
+
+    def on_eval_end(self, context) -> None:
+        if context.total_loss_dict and "lm loss" in context.total_loss_dict:
+            self.validation[context.state.train_state.step] = float(context.total_loss_dict["lm loss"])

@@ -1,0 +1,90 @@
+"""``bridge-sft train RECIPE_OR_YAML [key=value ...]``: fine-tune under Bridge's ``finetune()``.
+
+Runs as is on one process, or under ``torchrun --nproc-per-node N`` (multi-GPU,
+multi-node): every rank runs the same command. ``--dry-run`` prints the resolved
+config and exits. On a bad recipe, argument, override or data path it stops with
+one line naming the problem, before anything is written; if training fails
+before its first checkpoint, the output folders it created are removed again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bridge_sft.cli import UserError
+
+EPILOG = """\
+recipe arguments (key without a dot): hf_path=DIR_OR_HUB_ID data=FILE_OR_DIR peft=lora seq_length=N ...
+config overrides (dotted keys, Hydra syntax): train.train_iters=100 optimizer.lr=1e-5 ...
+examples:
+  bridge-sft train tiny hf_path=outputs/demo/tiny-hf data=chat.jsonl train.train_iters=20
+  bridge-sft train qwen3_0p6b hf_path=/models/Qwen3-0.6B data=chat.jsonl peft=lora --dry-run
+  torchrun --nproc-per-node 8 -m bridge_sft.cli train recipes/qwen3_8b.yaml data=chat.jsonl
+"""
+
+
+def add_parser(subparsers) -> None:
+    import argparse
+
+    parser = subparsers.add_parser(
+        "train", help="fine-tune an HF model with a recipe", description=__doc__.splitlines()[0],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="recipe name (sft, tiny, llama32_1b, qwen3_8b, ...) or a recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe arguments and config overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: the CPU runtime when torch sees no GPU (default)")
+    parser.set_defaults(func=main)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def main(args) -> int:
+    from bridge_sft import cpu
+
+    try:
+        cpu.maybe_enable(args.device)
+    except (cpu.TransformerEngineOnCPUError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+    from bridge_sft.recipes.resolve import ConfigError, build_config
+    from bridge_sft.train import check_config, run
+
+    try:
+        config = build_config(args.recipe, args.overrides)
+        check_config(config)
+    except (ConfigError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+    if args.dry_run:
+        if _rank() == 0:
+            config.print_yaml()
+        return 0
+
+    outputs = [p for p in (config.checkpoint.save, config.logger.tensorboard_dir,
+                           getattr(config.dataset, "cache_dir", None)) if p and not Path(p).exists()]
+    try:
+        run(config, device=args.device)
+    except BaseException:
+        if _rank() == 0:
+            _remove_unfinished(outputs, config.checkpoint.save)
+        raise
+    return 0
+
+
+def _remove_unfinished(created: list[str], checkpoint_dir: str | None) -> None:
+    """Remove the folders this run created, unless it got as far as saving a checkpoint."""
+    if checkpoint_dir and Path(checkpoint_dir, "latest_checkpointed_iteration.txt").exists():
+        return
+    for path in created:
+        shutil.rmtree(path, ignore_errors=True)
+        parent = Path(path).parent
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+    print("bridge-sft: training failed before its first checkpoint; removed the folders it had created.",
+          file=sys.stderr)

@@ -1,0 +1,101 @@
+"""Preset recipes: ``sft`` with the defaults for one model on H100s, and ``tiny`` for a CPU.
+
+Parallelism, sequence length and batch size follow Megatron-Bridge 0.6.2's own
+SFT/PEFT recipes for these models (``megatron/bridge/recipes/{llama,qwen}/h100``).
+The default checkpoints are the chat (Instruct) models, whose tokenizers carry
+the chat template the data pipeline needs; point ``hf_path`` at a local copy
+(or any HF directory of the same architecture) to train offline.
+
+``peft="lora"`` switches a preset to LoRA the way Bridge's PEFT recipes do:
+one GPU (TP=1), learning rate 1e-4, no distributed optimizer. Every keyword of
+``sft`` can be given to a preset and wins over the preset's default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge_sft.recipes.sft import sft
+from bridge_sft.tiny import SAMPLE_DIALOGS
+
+_LORA_DEFAULTS = {"tensor_parallel": 1, "lr": 1e-4, "distributed_optimizer": False}
+
+
+def _preset(hf_path: str, data, overrides: dict[str, Any], **defaults: Any):
+    settings = {"train_iters": 1000, "warmup_iters": 50, "lr": 5e-6, "micro_batch_size": 1, **defaults}
+    if overrides.get("peft") == "lora":
+        settings.update(_LORA_DEFAULTS)
+    settings.update(overrides)
+    return sft(hf_path, data, **settings)
+
+
+def llama32_1b(hf_path: str = "meta-llama/Llama-3.2-1B-Instruct", data=None, **overrides):
+    """Llama 3.2 1B, 1 GPU, seq 4096, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=1, global_batch_size=8)
+
+
+def llama32_3b(hf_path: str = "meta-llama/Llama-3.2-3B-Instruct", data=None, **overrides):
+    """Llama 3.2 3B, 1 GPU, seq 4096, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=1, global_batch_size=8)
+
+
+def llama31_8b(hf_path: str = "meta-llama/Llama-3.1-8B-Instruct", data=None, **overrides):
+    """Llama 3.1 8B, TP=2, seq 4096, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=2, global_batch_size=8)
+
+
+def qwen25_0p5b(hf_path: str = "Qwen/Qwen2.5-0.5B-Instruct", data=None, **overrides):
+    """Qwen2.5 0.5B, 1 GPU, seq 2048, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=1, global_batch_size=32)
+
+
+def qwen25_1p5b(hf_path: str = "Qwen/Qwen2.5-1.5B-Instruct", data=None, **overrides):
+    """Qwen2.5 1.5B, 1 GPU, seq 2048, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=1, global_batch_size=32)
+
+
+def qwen25_7b(hf_path: str = "Qwen/Qwen2.5-7B-Instruct", data=None, **overrides):
+    """Qwen2.5 7B, TP=2, seq 2048, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=2, global_batch_size=32)
+
+
+def qwen3_0p6b(hf_path: str = "Qwen/Qwen3-0.6B", data=None, **overrides):
+    """Qwen3 0.6B, 1 GPU, seq 2048, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=1, global_batch_size=8)
+
+
+def qwen3_1p7b(hf_path: str = "Qwen/Qwen3-1.7B", data=None, **overrides):
+    """Qwen3 1.7B, 1 GPU, seq 2048, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=1, global_batch_size=8)
+
+
+def qwen3_4b(hf_path: str = "Qwen/Qwen3-4B", data=None, **overrides):
+    """Qwen3 4B, TP=2, seq 2048, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=2, global_batch_size=8)
+
+
+def qwen3_8b(hf_path: str = "Qwen/Qwen3-8B", data=None, **overrides):
+    """Qwen3 8B, TP=4, seq 2048, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=4, global_batch_size=32)
+
+
+def tiny(hf_path: str, data=str(SAMPLE_DIALOGS), **overrides):
+    """A tiny model (``bridge_sft.tiny.build_tiny_model``) on the CPU: fp32, packed seq 256,
+    40 iterations of 8 packs, validation every 20, bundled ChatterBot dialogs by default."""
+    settings = {
+        "output_dir": "outputs/tiny", "seq_length": 256, "global_batch_size": 8, "micro_batch_size": 1,
+        "train_iters": 40, "lr": 2e-3, "min_lr": 2e-4, "warmup_iters": 4, "weight_decay": 0.0,
+        "precision": "fp32", "distributed_optimizer": False, "eval_interval": 20, "eval_iters": 2,
+        "save_interval": 40, "save_hf": True, "log_interval": 5,
+    }
+    if overrides.get("peft") == "lora":
+        settings["lr"] = 1e-2
+    settings.update(overrides)
+    return sft(hf_path, data, **settings)
+
+
+PRESETS = {
+    fn.__name__: fn
+    for fn in (llama32_1b, llama32_3b, llama31_8b, qwen25_0p5b, qwen25_1p5b, qwen25_7b,
+               qwen3_0p6b, qwen3_1p7b, qwen3_4b, qwen3_8b)
+}
