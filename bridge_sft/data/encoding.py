@@ -297,26 +297,29 @@ class ChatEncoder:
             mid = self.render([user, asst, {"role": "user", "content": u2}], tools)
         except RecordError as exc:
             raise self._unsupported(f"rendering a probe conversation failed ({exc.detail})") from None
-        if not (gen.startswith(base) and final.startswith(base) and mid.startswith(base)):
-            raise self._unsupported("adding a turn changes how the earlier turns are rendered")
-        gen_prompt, final_turn, mid_turn = gen[len(base):], final[len(base):], mid[len(base):]
-        if a not in final_turn or a not in mid_turn:
-            raise self._unsupported("the assistant's content does not appear in the rendered text")
-        header = _common_prefix(gen_prompt, final_turn[: final_turn.index(a)], mid_turn[: mid_turn.index(a)])
+        # Everything is located relative to the probe texts, never by prefix (templates such as
+        # Phi-3 end a conversation with an EOS that a longer conversation does not have there).
+        if any(u not in t for t in (base, gen, final, mid)) or a not in final or a not in mid or u2 not in mid:
+            raise self._unsupported("the probe messages' contents do not appear in the rendered text")
+        after_user = [t[t.index(u) + len(u):] for t in (base, gen, final, mid)]
+        user_end = after_user[0]
+        header = _common_prefix(after_user[1], after_user[2][: after_user[2].index(a)],
+                                after_user[3][: after_user[3].index(a)])
+        header = header[len(_common_prefix(header, user_end)):]  # drop the user turn's own ending
         if not header.strip():
             raise self._unsupported("no assistant header is shared by the generation prompt and rendered turns")
-        tail_final = final_turn[final_turn.index(a) + len(a):]
-        tail_mid = mid_turn[mid_turn.index(a) + len(a): mid_turn.index(u2) if u2 in mid_turn else None]
-        enc = self._backend.encode(tail_final, add_special_tokens=False)
-        eot = None
-        for token_id, (_, end) in zip(enc.ids, enc.offsets):
-            if token_id in self._special_ids:
-                eot = tail_final[:end]
-                break
-        if eot is None or not tail_mid.startswith(eot):
+        final_turn, mid_turn = final[final.index(a):], mid[mid.index(a): mid.index(u2)]
+        tail_final, tail_mid = final_turn[len(a):], mid_turn[len(a):]
+        # The turn ends with the last special token the final and a middle assistant turn share
+        # after the content ("<|im_end|>" of "<|im_end|>\n", both of "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>").
+        shared = _common_prefix(tail_final, tail_mid)
+        enc = self._backend.encode(shared, add_special_tokens=False)
+        ends = [end for token_id, (_, end) in zip(enc.ids, enc.offsets) if token_id in self._special_ids]
+        if not ends:
             raise self._unsupported(
                 f"no end-of-turn special token follows an assistant turn (after the content: {tail_final!r})"
             )
+        eot = shared[: ends[-1]]
         self._probes[key] = (header, eot)
         return header, eot
 
