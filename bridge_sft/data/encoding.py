@@ -104,6 +104,21 @@ class TokenizerSpec:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, name: str | None = None) -> "TokenizerSpec":
+        try:
+            cached = _SPECS.get(tokenizer)
+        except TypeError:  # not weak-referenceable
+            cached = None
+        if cached is not None and (name is None or cached.name == name):
+            return cached
+        spec = cls._from_tokenizer(tokenizer, name)
+        try:
+            _SPECS[tokenizer] = spec
+        except TypeError:
+            pass
+        return spec
+
+    @classmethod
+    def _from_tokenizer(cls, tokenizer, name: str | None) -> "TokenizerSpec":
         name = name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         backend = getattr(tokenizer, "_tokenizer", None)
         if backend is None or not hasattr(backend, "to_str"):
@@ -123,6 +138,27 @@ class TokenizerSpec:
             special_ids=frozenset(special),
             pad_id=int(pad),
         )
+
+
+_SPECS: "weakref.WeakKeyDictionary[Any, TokenizerSpec]" = weakref.WeakKeyDictionary()
+_BACKENDS: OrderedDict[int, tuple[TokenizerSpec, Any]] = OrderedDict()
+
+
+def _backend(spec: TokenizerSpec):
+    """The Rust tokenizer of a spec: a private copy that never inherits padding/truncation
+    settings from tokenizer.json (HF resets them on every call; the raw backend would not)."""
+    hit = _BACKENDS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(spec.backend_json)
+    backend.no_truncation()
+    backend.no_padding()
+    _BACKENDS[id(spec)] = (spec, backend)
+    while len(_BACKENDS) > 4:
+        _BACKENDS.popitem(last=False)
+    return backend
 
 
 class ChatEncoder:
@@ -153,13 +189,7 @@ class ChatEncoder:
         self.train_on = train_on
         self.empty_think = empty_think
         self.name = name or spec.name
-        from tokenizers import Tokenizer
-
-        # A private copy: never inherit padding/truncation settings from tokenizer.json
-        # (HF resets them on every call; calling the backend directly would not).
-        self._backend = Tokenizer.from_str(spec.backend_json)
-        self._backend.no_truncation()
-        self._backend.no_padding()
+        self._backend = _backend(spec)
 
         template = chat_template if chat_template is not None else spec.chat_template
         if not template:
