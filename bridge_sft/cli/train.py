@@ -66,10 +66,18 @@ def main(args) -> int:
             config.print_yaml()
         return 0
 
+    from bridge_sft.data import DataError
+
     outputs = [p for p in (config.checkpoint.save, config.logger.tensorboard_dir,
                            getattr(config.dataset, "cache_dir", None)) if p and not Path(p).exists()]
     try:
+        if hasattr(config.dataset, "prepare"):  # read, check and cache the data before Bridge starts
+            config.dataset.prepare(config.dataset.data_path)
         run(config, device=args.device)
+    except DataError as exc:
+        if _rank() == 0:
+            _remove_unfinished(outputs, config.checkpoint.save)
+        raise UserError(str(exc)) from None
     except BaseException:
         if _rank() == 0:
             _remove_unfinished(outputs, config.checkpoint.save)
@@ -86,5 +94,6 @@ def _remove_unfinished(created: list[str], checkpoint_dir: str | None) -> None:
         parent = Path(path).parent
         if parent.exists() and not any(parent.iterdir()):
             parent.rmdir()
-    print("bridge-sft: training failed before its first checkpoint; removed the folders it had created.",
-          file=sys.stderr)
+    if created:
+        print("bridge-sft: stopped before the first checkpoint; removed the folders this run had created.",
+              file=sys.stderr)

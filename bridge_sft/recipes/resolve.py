@@ -44,7 +44,7 @@ def build_config(recipe_or_yaml: str, overrides: list[str] = ()):
     """Build the ``ConfigContainer`` for a recipe name or YAML file, with ``key=value`` overrides."""
     name, file_items = _read_recipe(recipe_or_yaml)
     recipe = RECIPES[name]
-    params = inspect.signature(recipe).parameters
+    params = recipe_parameters(recipe)
     recipe_args: dict[str, Any] = {}
     config_overrides: list[str] = []
     for key, value in file_items + [_split(item) for item in overrides]:
@@ -56,6 +56,15 @@ def build_config(recipe_or_yaml: str, overrides: list[str] = ()):
     config = recipe(**recipe_args)
     apply_overrides(config, config_overrides)
     return config
+
+
+def recipe_parameters(recipe) -> list[str]:
+    """Argument names a recipe takes: its own, plus ``sft``'s when it passes ``**overrides`` on."""
+    params = inspect.signature(recipe).parameters
+    names = [p.name for p in params.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        names += [n for n in inspect.signature(RECIPES["sft"]).parameters if n not in names]
+    return names
 
 
 def apply_overrides(config, overrides: list[str]) -> None:
@@ -112,7 +121,7 @@ def _read_recipe(recipe_or_yaml: str) -> tuple[str, list[tuple[str, Any]]]:
     if not isinstance(content, dict) or content.get("recipe") not in RECIPES:
         raise ConfigError(f"{recipe_or_yaml}: needs a top-level 'recipe:' naming one of {', '.join(RECIPES)}.")
     name = content.pop("recipe")
-    params = inspect.signature(RECIPES[name]).parameters
+    params = recipe_parameters(RECIPES[name])
     items = []
     for key, value in content.items():
         if key in params:
@@ -136,10 +145,17 @@ def _split(item: str) -> tuple[str, str]:
 
 
 def _parse_value(text: str) -> Any:
+    """A ``key=value`` value as Hydra reads it: YAML, plus ``1e-5``-style floats (YAML 1.1 reads a string)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value) if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value) else value
+        except ValueError:
+            return value
+    return value
 
 
 def _hydra_value(value: Any) -> str:

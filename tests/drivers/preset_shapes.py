@@ -1,0 +1,43 @@
+"""Driver: build every preset's ConfigContainer from a local HF config; print the model shapes as JSON.
+
+Usage: ``preset_shapes.py HF_CONFIGS_DIR DATA_FILE``: ``HF_CONFIGS_DIR/<preset>/config.json`` holds the
+published HF config of each preset's model (written by the test; no downloads). Built through
+``build_config`` exactly as ``bridge-sft train <preset> hf_path=... data=... --dry-run`` does.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from bridge_sft.recipes import PRESETS
+from bridge_sft.recipes.resolve import build_config
+from bridge_sft.train import check_config
+
+FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+          "vocab_size", "share_embeddings_and_output_weights", "seq_length", "tensor_model_parallel_size",
+          "calculate_per_token_loss", "rotary_base")
+
+
+def shapes(config):
+    model = {name: getattr(config.model, name) for name in FIELDS}
+    model["average_in_collective"] = config.ddp.average_in_collective
+    model["dataset_seq_length"] = config.dataset.seq_length
+    model["lr"] = config.optimizer.lr
+    model["peft"] = type(config.peft).__name__ if config.peft else None
+    return model
+
+
+def main(root, data):
+    result = {}
+    for name in PRESETS:
+        hf = str(Path(root) / name)
+        full = build_config(name, [f"hf_path={hf}", f"data={data}"])
+        lora = build_config(name, [f"hf_path={hf}", f"data={data}", "peft=lora", "train.train_iters=7"])
+        for config in (full, lora):
+            check_config(config)
+        result[name] = {"full": shapes(full), "lora": shapes(lora), "lora_train_iters": lora.train.train_iters}
+    print("SHAPES " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,166 @@
+"""Recipes and the ``bridge-sft train`` command: presets, overrides, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from launch import REPO, run_python
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def llama(hidden, inter, layers, heads, kv, tie, rope_factor=32.0):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": hidden // heads, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": tie,
+            "rope_scaling": {**LLAMA3_ROPE, "factor": rope_factor}, "torch_dtype": "bfloat16",
+            "bos_token_id": 128000, "eos_token_id": 128009}
+
+
+def qwen2(hidden, inter, layers, heads, kv, tie, vocab=151936):
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768, "tie_word_embeddings": tie, "torch_dtype": "bfloat16"}
+
+
+def qwen3(hidden, inter, layers, heads, kv, tie):
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "max_position_embeddings": 40960, "tie_word_embeddings": tie,
+            "torch_dtype": "bfloat16"}
+
+
+# The published config.json sizes of each preset's model.
+PUBLISHED = {
+    "llama32_1b": llama(2048, 8192, 16, 32, 8, True),
+    "llama32_3b": llama(3072, 8192, 28, 24, 8, True),
+    "llama31_8b": llama(4096, 14336, 32, 32, 8, False, rope_factor=8.0),
+    "qwen25_0p5b": qwen2(896, 4864, 24, 14, 2, True),
+    "qwen25_1p5b": qwen2(1536, 8960, 28, 12, 2, True),
+    "qwen25_7b": qwen2(3584, 18944, 28, 28, 4, False, vocab=152064),
+    "qwen3_0p6b": qwen3(1024, 3072, 28, 16, 8, True),
+    "qwen3_1p7b": qwen3(2048, 6144, 28, 16, 8, True),
+    "qwen3_4b": qwen3(2560, 9728, 36, 32, 8, True),
+    "qwen3_8b": qwen3(4096, 12288, 36, 32, 8, False),
+}
+EXPECTED_TP = {"llama31_8b": 2, "qwen25_7b": 2, "qwen3_4b": 2, "qwen3_8b": 4}
+
+
+@pytest.fixture(scope="module")
+def hf_configs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-configs")
+    for name, config in PUBLISHED.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    data = root / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    return root, data
+
+
+def test_every_preset_builds_the_published_model_shape(hf_configs):
+    root, data = hf_configs
+    out = run_python("preset_shapes.py", root, data).stdout
+    result = json.loads(out.split("SHAPES ", 1)[1].splitlines()[0])
+    assert set(result) == set(PUBLISHED)
+    for name, hf in PUBLISHED.items():
+        full, lora = result[name]["full"], result[name]["lora"]
+        assert full["num_layers"] == hf["num_hidden_layers"], name
+        assert full["hidden_size"] == hf["hidden_size"], name
+        assert full["ffn_hidden_size"] == hf["intermediate_size"], name
+        assert full["num_attention_heads"] == hf["num_attention_heads"], name
+        assert full["num_query_groups"] == hf["num_key_value_heads"], name
+        # kv_channels None means hidden_size / num_attention_heads to megatron-core
+        kv_channels = full["kv_channels"] or full["hidden_size"] // full["num_attention_heads"]
+        assert kv_channels == hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]), name
+        assert full["vocab_size"] == hf["vocab_size"], name
+        assert full["share_embeddings_and_output_weights"] == hf["tie_word_embeddings"], name
+        assert full["rotary_base"] == hf["rope_theta"], name
+        assert full["tensor_model_parallel_size"] == EXPECTED_TP.get(name, 1), name
+        assert full["seq_length"] == full["dataset_seq_length"] == (4096 if name.startswith("llama") else 2048)
+        assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
+        assert full["peft"] is None and full["lr"] == 5e-6
+        # LoRA: Bridge's PEFT defaults (1 GPU, lr 1e-4), and dotted overrides still apply.
+        assert lora["peft"] == "LoRA" and lora["lr"] == 1e-4 and lora["tensor_model_parallel_size"] == 1
+        assert result[name]["lora_train_iters"] == 7
+
+
+def test_dry_run_prints_the_resolved_config(hf_configs, tmp_path):
+    root, data = hf_configs
+    recipe = tmp_path / "my.yaml"
+    recipe.write_text(yaml.safe_dump({"recipe": "qwen3_0p6b", "hf_path": str(root / "qwen3_0p6b"),
+                                      "train": {"train_iters": 11}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridge_sft.cli", "train", str(recipe), f"data={data}", "optimizer.lr=3e-6",
+         "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = yaml.safe_load(proc.stdout[proc.stdout.index("_target_"):])
+    assert printed["train"]["train_iters"] == 11
+    assert printed["optimizer"]["lr"] == 3e-6
+    assert printed["model"]["num_layers"] == 28
+    assert printed["dataset"]["data_path"] == str(data)
+    assert not (REPO / "outputs").exists() or not any((REPO / "outputs").iterdir())
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
+                        '{"messages": [\n')
+    out = tmp_path / "out"
+    ok = [f"hf_path={tiny_llama}", f"output_dir={out}"]
+    cases = {
+        "missing_hf": ["train", "tiny", f"hf_path={tmp_path / 'nope'}", f"output_dir={out}"],
+        "unsupported_arch": ["train", "tiny", f"hf_path={gpt2}", f"output_dir={out}"],
+        "missing_data": ["train", "tiny", *ok, f"data={tmp_path / 'nope.jsonl'}"],
+        "bad_data": ["train", "tiny", *ok, f"data={bad_json}"],
+        "unknown_recipe": ["train", "llama9_1t", *ok],
+        "unknown_key": ["train", "tiny", *ok, "train.train_itres=5"],
+        "bad_type": ["train", "tiny", *ok, "train.train_iters=many"],
+        "missing_hf_path": ["train", "tiny", f"output_dir={out}"],
+        "seq_mismatch": ["train", "tiny", *ok, "dataset.seq_length=128"],
+        "convert_missing": ["convert", "import", str(tmp_path / "nope"), str(tmp_path / "converted")],
+    }
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
+    out_text = run_python("cli_errors.py", spec).stdout
+    results = json.loads(out_text.split("CLI ", 1)[1].splitlines()[0])
+    expect = {
+        "missing_hf": "nope: no such directory",
+        "unsupported_arch": "architecture GPT2LMHeadModel is not supported by Megatron-Bridge",
+        "missing_data": "nope.jsonl: no such file or directory",
+        "bad_data": "bad.jsonl:2: invalid JSON",  # file and line of the bad record
+        "unknown_recipe": "unknown recipe 'llama9_1t'",
+        "unknown_key": "unknown key 'train.train_itres'. Did you mean train.train_iters",
+        "bad_type": "train.train_iters='many': expected int",
+        "missing_hf_path": "recipe tiny needs hf_path=...",
+        "seq_mismatch": "dataset.seq_length=128 but model.seq_length=256",
+        "convert_missing": "nope: no such directory",
+    }
+    for name, phrase in expect.items():
+        result = results[name]
+        assert result["code"] == 2, (name, result)
+        assert len(result["error_lines"]) == 1 and phrase in result["error_lines"][0], (name, result)
+    assert not out.exists() and not (tmp_path / "converted").exists()
+
+
+def test_bad_input_exit_code_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bridge_sft.cli", "train", "tiny", f"hf_path={tmp_path / 'x'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: hf_path=")
+    assert list(tmp_path.iterdir()) == []
