@@ -44,7 +44,6 @@ def _measure(dtype_name: str, seqs: list[int], repeats: int) -> list[dict]:
     from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.training.losses import masked_next_token_loss
     from megatron.bridge.training.model_load_save import temporary_distributed_context
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.manual_seed(0)
@@ -65,7 +64,6 @@ def _measure(dtype_name: str, seqs: list[int], repeats: int) -> list[dict]:
 
     rows = []
     with temporary_distributed_context(backend="gloo"):
-        model_parallel_cuda_manual_seed(1234)  # Bridge's context seeds the RNG tracker only on CUDA
         for seq in seqs:
             provider = GPTModelProvider(
                 num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=4 * HIDDEN, num_attention_heads=4,

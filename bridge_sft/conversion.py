@@ -5,9 +5,14 @@
   the Transformer-Engine layer spec, which cannot run without CUDA, so we build
   the provider ourselves and, on the CPU runtime, switch it to the local spec
   before instantiating the model.
-- ``export_hf(megatron_dir, hf_dir)``: a Megatron checkpoint (from ``import_hf``
-  or saved by training; the latest ``iter_*`` is used) -> HF directory, through
-  ``AutoBridge.export_ckpt``, which runs single-process over gloo.
+- ``export_hf(megatron_dir, hf_dir, hf_config_dir)``: a Megatron checkpoint (from
+  ``import_hf`` or saved by training; the latest ``iter_*`` is used) -> HF
+  directory, through ``AutoBridge.export_ckpt``, which runs single-process over
+  gloo. A LoRA training checkpoint is exported MERGED: Bridge's own
+  ``export_adapter_ckpt`` writes only the adapter and builds the TE layer spec, so
+  we rebuild the base model from HF (local spec on the CPU), apply the run's LoRA,
+  load the adapter weights from the checkpoint and let ``save_hf_pretrained``
+  merge them into the base weights (in fp32).
 
 Training does not need ``import_hf``: ``checkpoint.pretrained_checkpoint`` may
 point at an HF directory directly. Note that a Megatron checkpoint saved on the
@@ -27,6 +32,7 @@ cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imp
 import torch  # noqa: E402
 from megatron.bridge import AutoBridge  # noqa: E402
 from megatron.bridge.training.model_load_save import temporary_distributed_context  # noqa: E402
+from megatron.bridge.training.utils.checkpoint_utils import read_run_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +57,56 @@ def import_hf(hf_dir: str | Path, megatron_dir: str | Path) -> Path:
 def export_hf(megatron_dir: str | Path, hf_dir: str | Path, hf_config_dir: str | Path, show_progress: bool = False):
     """Write the Megatron checkpoint in ``megatron_dir`` as an HF checkpoint to ``hf_dir``.
 
-    ``hf_config_dir``: an HF directory (or hub id) of the same architecture; its
-    config, tokenizer and generation config are written beside the weights.
+    ``hf_config_dir``: the HF directory (or hub id) the model came from; its config,
+    tokenizer and generation config are written beside the weights, and for a LoRA
+    checkpoint its weights are the base the adapters are merged into.
     """
     bridge = AutoBridge.from_hf_pretrained(str(hf_config_dir))
-    bridge.export_ckpt(str(megatron_dir), str(hf_dir), show_progress=show_progress)
+    iteration_dir = latest_iteration(megatron_dir)
+    peft = read_run_config(str(iteration_dir / "run_config.yaml")).get("peft")
+    if peft:
+        _export_merged_lora(bridge, iteration_dir, peft, hf_dir, show_progress)
+    else:
+        bridge.export_ckpt(str(megatron_dir), str(hf_dir), show_progress=show_progress)
     return Path(hf_dir)
+
+
+def latest_iteration(megatron_dir: str | Path) -> Path:
+    """``megatron_dir`` itself if it is one ``iter_*`` checkpoint, else its latest ``iter_*``."""
+    path = Path(megatron_dir)
+    if (path / "run_config.yaml").is_file():
+        return path
+    iterations = sorted(path.glob("iter_*"))
+    if not iterations:
+        raise FileNotFoundError(f"{megatron_dir} holds no Megatron checkpoint (no run_config.yaml, no iter_*)")
+    return iterations[-1]
+
+
+def _export_merged_lora(bridge, iteration_dir: Path, peft_config: dict, hf_dir, show_progress: bool) -> None:
+    from megatron.bridge.peft.lora import LoRA
+    from megatron.bridge.training.checkpointing import (
+        _generate_model_state_dict,
+        apply_peft_adapter_filter_to_state_dict,
+    )
+    from megatron.core import dist_checkpointing
+
+    lora_fields = {"target_modules", "exclude_modules", "dim", "alpha", "dropout", "dropout_position"}
+    lora = LoRA(**{k: v for k, v in peft_config.items() if k in lora_fields})
+    provider = bridge.to_megatron_provider(load_weights=True)
+    if cpu.is_enabled():
+        cpu.configure_model(provider)
+    provider.params_dtype = provider.pipeline_dtype = torch.float32
+    provider.bf16 = provider.fp16 = False
+    provider.finalize()
+    provider.register_pre_wrap_hook(lambda chunks: lora(chunks, training=False))
+    with temporary_distributed_context(backend=_backend()):
+        model = provider.provide_distributed_model(
+            wrap_with_ddp=False, use_cpu_initialization=True, init_model_with_meta_device=False
+        )
+        adapters = apply_peft_adapter_filter_to_state_dict(_generate_model_state_dict(model, {}), lora)
+        loaded = dist_checkpointing.load(adapters, str(iteration_dir))
+        missing, _ = model[0].load_state_dict(loaded["model"], strict=False)
+        not_loaded = [k for k in missing if "adapter" in k]
+        if not_loaded:
+            raise RuntimeError(f"{iteration_dir}: LoRA weights missing from the checkpoint: {not_loaded[:5]}")
+        bridge.save_hf_pretrained(model, str(hf_dir), show_progress=show_progress, merge_adapter_weights=True)

@@ -19,9 +19,12 @@ scale. This module instead makes the process look like a one-GPU machine whose
    memory statistics, nvtx, RNG state ...). ``torch.cuda.is_available()`` still
    tells the truth.
 4. Megatron's CUDA RNG tracker helpers on the CPU generator.
-5. Bridge fixes: ``initialize_megatron(allow_no_cuda=True)`` and
+5. Bridge fixes: ``initialize_megatron(allow_no_cuda=True)``,
    ``peft.utils.HAVE_TE = False`` (megatron-core defines ``TELinear`` on a
-   MagicMock when TE is absent, so Bridge's own check says "TE present").
+   MagicMock when TE is absent, so Bridge's own check says "TE present"), and
+   ``temporary_distributed_context`` (single-process conversion/loading) seeding
+   the RNG tracker, which Bridge does only when CUDA is available (without it a
+   model forward fails: "cuda rng state model-parallel-rng is not added").
 6. Packed (THD) sequences for the local attention: megatron-core's local
    ``DotProductAttention`` rejects ``packed_seq_params`` (only TE's attention
    takes them), so ``PackedDotProductAttention`` runs the same local kernel
@@ -381,6 +384,18 @@ def _patch_megatron() -> None:
         return real_initialize_megatron(*args, **kwargs)
 
     bridge_setup.initialize_megatron = initialize_megatron
+
+    from megatron.bridge.training import model_load_save
+
+    real_context = model_load_save.temporary_distributed_context
+
+    @contextlib.contextmanager
+    def temporary_distributed_context(backend: str = "gloo"):
+        with real_context(backend):
+            mcore_random.model_parallel_cuda_manual_seed(0)
+            yield
+
+    model_load_save.temporary_distributed_context = temporary_distributed_context
 
 
 def _packed_dot_product_attention_class():

@@ -9,6 +9,8 @@ fixes, checks the config (averaging flags, sequence lengths) and calls
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import warnings
 
 from bridge_sft import cpu
@@ -78,8 +80,19 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     """
     if cpu.maybe_enable(device):
         cpu.configure(config)
+    _single_process_rendezvous()
     bridge_fixes.apply()
     check_config(config)
     throughput = TokenThroughput()
     finetune(config, forward_step_func, callbacks=[throughput, *(callbacks or [])])
     return throughput.totals
+
+
+def _single_process_rendezvous() -> None:
+    """Outside torchrun, give torch.distributed a free local port instead of Bridge's fixed default
+    29500, so that two single-process runs on one machine do not collide."""
+    if "MASTER_PORT" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

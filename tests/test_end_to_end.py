@@ -1,0 +1,90 @@
+"""HF checkpoint in, trained HF checkpoint out: ``bridge-sft train tiny`` (full and LoRA) on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+from launch import REPO, run_python
+
+from bridge_sft.tiny import SAMPLE_DIALOGS
+
+ITERATION_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.]+E[+-]\d+)")
+
+
+def probe_tokens(hf_dir, path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    chats = [[{"role": "user", "content": "Do you like books?"}, {"role": "assistant", "content": "I love them."}],
+             [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "Artificial brains."}]]
+    ids = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in chats]
+    n = min(map(len, ids))
+    tokens = [row[:n] for row in ids]
+    path.write_text(json.dumps(tokens))
+    return tokens
+
+
+def hf_logits(hf_dir, tokens) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens)).logits
+
+
+def bridge_sft(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "bridge_sft.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"})
+
+
+def test_train_tiny_from_the_command_line_hf_in_hf_out(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    proc = bridge_sft("train", "tiny", f"hf_path={tiny_llama}", f"output_dir={out}", "train_iters=12",
+                      "log_interval=1", "eval_interval=6", "save_interval=12", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = {int(i): float(v) for i, v in ITERATION_LOSS.findall(proc.stdout)}
+    assert sorted(losses) == list(range(1, 13))
+    assert losses[12] < losses[1] - 0.2, losses
+    assert "supervised tokens/s" in proc.stdout
+    export = out / "checkpoints" / "iter_0000012" / "hf"
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+
+    # The exported HF model reproduces the trained Megatron model (loaded from its checkpoint).
+    tokens = probe_tokens(tiny_llama, tmp_path / "tokens.json")
+    run_python("megatron_logits.py", out / "checkpoints", tiny_llama, tmp_path / "tokens.json",
+               tmp_path / "megatron.pt")
+    megatron = torch.load(tmp_path / "megatron.pt")
+    hf = hf_logits(export, tokens)
+    original = hf_logits(tiny_llama, tokens)
+    assert (hf - original).abs().max() > 1e-2  # training changed the model
+    torch.testing.assert_close(hf, megatron, rtol=0, atol=1e-4)
+
+
+def test_lora_trains_only_adapters_and_exports_merged(tiny_llama, tmp_path):
+    out = tmp_path / "lora"
+    out.mkdir()
+    tokens = probe_tokens(tiny_llama, tmp_path / "tokens.json")
+    # 24 dialogs, seen again every iteration: a loss a LoRA on a random base can visibly lower in 12 steps.
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(SAMPLE_DIALOGS.read_text(encoding="utf-8").splitlines(keepends=True)[:24]))
+    run_python("train_probe.py", out, tmp_path / "tokens.json", "tiny", f"hf_path={tiny_llama}", f"data={data}",
+               f"output_dir={out}", "peft=lora", "lora_dim=8", "lora_alpha=16", "train_iters=12", "log_interval=1",
+               "save_interval=12", "save_hf=false")
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["trainable"] and all(".adapter." in name for name in probe["trainable"]), probe["trainable"]
+    assert 0 < probe["trainable_params"] < 0.2 * probe["total_params"], probe
+    assert probe["frozen_changed"] == []
+    losses = {int(k): v for k, v in probe["losses"].items()}
+    assert losses[12] < losses[1] - 0.1, losses
+
+    proc = bridge_sft("convert", "export", out / "checkpoints", tmp_path / "merged", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = hf_logits(tmp_path / "merged", tokens)
+    trained = torch.load(out / "probe_logits.pt")
+    assert (merged - hf_logits(tiny_llama, tokens)).abs().max() > 1e-3  # the adapters were merged in
+    torch.testing.assert_close(merged, trained, rtol=0, atol=1e-4)
