@@ -92,6 +92,10 @@ def test_every_preset_builds_the_published_model_shape(hf_configs):
         # LoRA: Bridge's PEFT defaults (1 GPU, lr 1e-4), and dotted overrides still apply.
         assert lora["peft"] == "LoRA" and lora["lr"] == 1e-4 and lora["tensor_model_parallel_size"] == 1
         assert result[name]["lora_train_iters"] == 7
+        # recipes/<preset>.yaml: the same model, with the file's overrides.
+        from_yaml = result[name]["yaml"]
+        assert (from_yaml["train_iters"], from_yaml["save_interval"]) == (1000, 200)
+        assert {k: from_yaml[k] for k in full} == full, name
 
 
 def test_dry_run_prints_the_resolved_config(hf_configs, tmp_path):

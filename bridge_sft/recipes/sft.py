@@ -50,6 +50,8 @@ def sft(
     dataset: DatasetProvider | None = None,
     output_dir: str = "outputs/sft",
     seq_length: int = 2048,
+    validation_data: str | list[str] | None = None,
+    validation_fraction: float = 0.02,
     packing: bool = True,
     train_on: str = "assistant",
     tensor_parallel: int = 1,
@@ -80,11 +82,13 @@ def sft(
     """Full fine-tuning (or LoRA with ``peft="lora"``) of the HF model at ``hf_path``.
 
     ``data``: chat data file(s) or directory for ``SFTDatasetProvider``; or pass a
-    ready ``dataset`` provider. ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"``
-    or ``"fp32"``. Outputs (checkpoints, TensorBoard logs, data cache) go under
-    ``output_dir``. ``save_hf``: with every checkpoint also write the HF weights to
-    ``checkpoints/iter_N/hf`` (Bridge's ``also_save_hf_checkpoint``; LoRA runs write an HF
-    PEFT adapter there, ``bridge-sft convert export`` merges it).
+    ready ``dataset`` provider. Validation uses ``validation_data``, or else a
+    ``validation_fraction`` of ``data`` held out (chosen with ``seed``).
+    ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"`` or ``"fp32"``. Outputs
+    (checkpoints, TensorBoard logs, data cache) go under ``output_dir``.
+    ``save_hf``: with every checkpoint also write the HF weights to
+    ``checkpoints/iter_N/hf`` (Bridge's ``also_save_hf_checkpoint``; LoRA runs write
+    an HF PEFT adapter there, ``bridge-sft convert export`` merges it).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -112,6 +116,8 @@ def sft(
             seq_length=seq_length,
             packing=packing,
             train_on=train_on,
+            validation_path=validation_data,
+            validation_fraction=0.0 if validation_data else validation_fraction,
             pad_seq_to_mult=2 * context_parallel if context_parallel > 1 else 1,
             cache_dir=os.path.join(output_dir, "data_cache"),
             seed=seed,

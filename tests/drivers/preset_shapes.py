@@ -35,7 +35,11 @@ def main(root, data):
         lora = build_config(name, [f"hf_path={hf}", f"data={data}", "peft=lora", "train.train_iters=7"])
         for config in (full, lora):
             check_config(config)
-        result[name] = {"full": shapes(full), "lora": shapes(lora), "lora_train_iters": lora.train.train_iters}
+        from_yaml = build_config(str(Path(__file__).parents[2] / "recipes" / f"{name}.yaml"),
+                                 [f"hf_path={hf}", f"data={data}"])
+        result[name] = {"full": shapes(full), "lora": shapes(lora), "lora_train_iters": lora.train.train_iters,
+                        "yaml": {**shapes(from_yaml), "train_iters": from_yaml.train.train_iters,
+                                 "save_interval": from_yaml.checkpoint.save_interval}}
     print("SHAPES " + json.dumps(result))
 
 
