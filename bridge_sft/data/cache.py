@@ -352,8 +352,8 @@ def prepare(
 ) -> PreparedData:
     """Encode the chat data at ``paths`` (or load it from the cache); see the module docstring.
 
-    ``num_proc``: encoding processes (default: all cores, at most 16; one for
-    fewer than 2,000 records' worth of files). ``tokenizer``: an already loaded
+    ``num_proc``: encoding processes (default: one for inputs under 16 MB, where
+    starting workers costs more than it saves; else all cores, at most 16). ``tokenizer``: an already loaded
     tokenizer for in-process encoding (must match ``options.tokenizer_path``).
     """
     options.validate()
@@ -382,7 +382,9 @@ def _build(sources, options, num_proc, progress, tokenizer) -> PreparedData:
     t0 = time.perf_counter()
     if num_proc is None:
         size = sum(os.path.getsize(p) for s in sources for p in source_fingerprint_parts(s) if os.path.isfile(p))
-        num_proc = 1 if size < 1_000_000 else default_num_proc()
+        # A spawned worker needs a few seconds to start (imports, tokenizer); one process
+        # encodes roughly 1 MB of chat JSON per second, so small inputs stay in-process.
+        num_proc = 1 if size < 16_000_000 else default_num_proc()
     num_proc = max(1, int(num_proc))
     chunks = _chunks(sources, options)
     results: list[_ChunkResult] = []
