@@ -148,7 +148,8 @@ def run(quick: bool = False) -> list[dict]:
             rows.append(_row("bridge-sft prepare (spawned workers, start-up included)", cores, len(big_lines),
                              par.summary["tokens"], par.summary["supervised_tokens"], ours_n))
         for row in rows:
-            base = next(r for r in rows if r["method"].startswith("bridge _chat") and r["processes"] == row["processes"])
+            base = next(r for r in rows
+                        if r["method"].startswith("bridge _chat") and r["processes"] == row["processes"])
             row["speedup_vs_bridge"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
 
         # Where the masks differ (same input_ids), by token.

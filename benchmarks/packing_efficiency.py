@@ -12,7 +12,6 @@ default ``packing_algorithm``) and ``first_fit_decreasing`` from
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path

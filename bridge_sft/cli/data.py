@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
     _common(preview)
     preview.add_argument("-n", "--num-records", type=int, default=3, help="records to show (default 3)")
     preview.add_argument("--start", type=int, default=0, help="skip this many records first")
-    preview.add_argument("--json", action="store_true", help='print {"input_ids": [...], "loss_mask": [...]} per record')
+    preview.add_argument("--json", action="store_true",
+                         help='print {"input_ids": [...], "loss_mask": [...]} per record')
     preview.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     preview.set_defaults(func=run_preview)
 
@@ -182,7 +183,9 @@ def run_prepare(args) -> int:
     if args.seq_length < 1:
         raise UserError(f"--seq-length must be positive, not {args.seq_length}")
     if args.pad_seq_to_mult < 1 or args.seq_length % args.pad_seq_to_mult:
-        raise UserError(f"--seq-length {args.seq_length} must be a multiple of --pad-seq-to-mult {args.pad_seq_to_mult}")
+        raise UserError(
+            f"--seq-length {args.seq_length} must be a multiple of --pad-seq-to-mult {args.pad_seq_to_mult}"
+        )
     options = _options(args, args.seq_length)
     try:
         data = prepare(args.files, options, cache_dir=args.cache_dir, num_proc=args.num_proc,

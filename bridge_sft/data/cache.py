@@ -216,11 +216,15 @@ class _ChunkResult:
     pad_id: int = 0
 
 
-def _encode_chunk(chunk: _Chunk) -> _ChunkResult:
-    options: EncodeOptions = _WORKER["options"]
-    encoder: ChatEncoder = _WORKER["encoder"]
+def _encode_chunk(
+    chunk: _Chunk, options: EncodeOptions | None = None, encoder: ChatEncoder | None = None
+) -> _ChunkResult:
+    """Parse, validate, encode and truncate one chunk (in a worker, with its global encoder)."""
+    options = options or _WORKER["options"]
+    encoder = encoder or _WORKER["encoder"]
     max_ids = options.seq_length + 1
-    result = _ChunkResult(np.empty(0, np.uint32), np.empty(0, np.uint8), np.empty(0, np.int64), np.empty((0, 2), np.int64))
+    empty = (np.empty(0, np.uint32), np.empty(0, np.uint8), np.empty(0, np.int64), np.empty((0, 2), np.int64))
+    result = _ChunkResult(*empty)
     result.pad_id = encoder.spec.pad_id
 
     def bad(reason: str, where: str, message: str, fix: str) -> bool:
@@ -393,9 +397,8 @@ def _build(sources, options, num_proc, progress, tokenizer) -> PreparedData:
         tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(options.tokenizer_path)
         encoder = make_encoder(options, tokenizer)  # fails fast on a missing chat template
         if num_proc == 1:
-            _WORKER["options"], _WORKER["encoder"] = options, encoder
             for chunk in chunks:
-                results.append(_check(_encode_chunk(chunk)))
+                results.append(_check(_encode_chunk(chunk, options, encoder)))
                 bar.update(results[-1].records)
         else:
             ctx = multiprocessing.get_context("spawn")
@@ -411,7 +414,6 @@ def _build(sources, options, num_proc, progress, tokenizer) -> PreparedData:
                     bar.update(results[-1].records)
     finally:
         bar.close()
-        _WORKER.clear()
     lengths = np.concatenate([r.lengths for r in results]) if results else np.empty(0, np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -545,5 +547,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("cache_hit"):
         lines.append(f"load time:           {summary.get('load_seconds', 0):.3f} s (hashing the inputs included)")
     else:
-        lines.append(f"encode time:         {summary.get('encode_seconds', 0):.2f} s on {summary.get('num_proc', 1)} process(es)")
+        seconds, procs = summary.get("encode_seconds", 0), summary.get("num_proc", 1)
+        lines.append(f"encode time:         {seconds:.2f} s on {procs} process(es)")
     return "\n".join(lines)

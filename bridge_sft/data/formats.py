@@ -116,7 +116,9 @@ def apply_columns(record: dict, columns: dict[str, str] | None) -> dict:
     return record
 
 
-def to_conversation(record: Any, fmt: str, columns: dict[str, str] | None = None, *, require_assistant: bool = True) -> Conversation:
+def to_conversation(
+    record: Any, fmt: str, columns: dict[str, str] | None = None, *, require_assistant: bool = True
+) -> Conversation:
     """Turn one raw record into a validated ``Conversation``; raise ``RecordError`` if it is bad."""
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"the record is a {type(record).__name__}, not a JSON object")
