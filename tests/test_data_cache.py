@@ -60,6 +60,7 @@ def test_key_changes_with_data_options_and_tokenizer(tmp_path, small_data):
     shutil.copytree(QWEN3_DIR, tok)
     moved = EncodeOptions(tokenizer_path=str(tok), seq_length=512)
     base = cache.cache_key(sources, moved)
+    assert base == key  # the same tokenizer files elsewhere: the same key
     config = json.loads((tok / "tokenizer_config.json").read_text())
     config["chat_template"] = config["chat_template"].replace("<|im_start|>", "<|im_start|> ", 1)
     (tok / "tokenizer_config.json").write_text(json.dumps(config))

@@ -40,7 +40,9 @@ def add_parser(subparsers) -> None:
     prep.add_argument("files", nargs="+", help="data files/directories/hub ids")
     _common(prep)
     prep.add_argument("--seq-length", type=int, required=True, help="tokens per sample/pack (the model's seq_length)")
-    prep.add_argument("--cache-dir", default="data_cache", help="cache directory (default ./data_cache)")
+    prep.add_argument("--cache-dir", default="data_cache",
+                      help="cache directory (default ./data_cache); a training run with the same data and "
+                           "settings reuses it when its dataset.cache_dir is the same (<output_dir>/data_cache)")
     prep.add_argument("--no-packing", action="store_true", help="do not report packing")
     prep.add_argument("--pad-seq-to-mult", type=int, default=1, help="pad packed samples to a multiple (2 x CP size)")
     prep.add_argument("--truncation", choices=("truncate", "drop", "error"), default="truncate")

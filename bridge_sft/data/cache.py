@@ -136,7 +136,14 @@ def _hash_file(h, path: str) -> None:
 def cache_key(sources: list[Source], options: EncodeOptions) -> str:
     """Hex digest over the data bytes, tokenizer files, template and options."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"version": CACHE_VERSION, "options": asdict(options)}, sort_keys=True).encode())
+    # Paths are not part of the key, contents are: a relative and an absolute path to the same
+    # tokenizer (or a template file and its text) give the same cache.
+    keyed = asdict(options)
+    keyed.pop("chat_template")
+    tok = Path(options.tokenizer_path).expanduser()
+    if tok.is_dir():
+        keyed.pop("tokenizer_path")
+    h.update(json.dumps({"version": CACHE_VERSION, "options": keyed}, sort_keys=True).encode())
     for source in sources:
         h.update(f"\0source {source.kind} {source.split}\0".encode())
         parts = source_fingerprint_parts(source)
@@ -145,7 +152,6 @@ def cache_key(sources: list[Source], options: EncodeOptions) -> str:
         for part in parts:
             h.update(f"\0{os.path.basename(part)}\0".encode())
             _hash_file(h, part)
-    tok = Path(options.tokenizer_path).expanduser()
     if tok.is_dir():
         for p in sorted(tok.iterdir()):
             if p.is_file() and p.suffix in _TOKENIZER_FILES and p.name != "config.json":
