@@ -4,11 +4,11 @@ Megatron hard-codes CUDA in hundreds of places, so patching call sites does not
 scale. This module instead makes the process look like a one-GPU machine whose
 "GPU" is the CPU:
 
-1. ``transformer_engine`` and ``nvidia_resiliency_ext`` stand-ins, served ONLY
-   to the two Bridge modules that import them without a guard
-   (``megatron.bridge.peft.lora_layers`` and ``megatron.bridge.training.pretrain``).
-   A global stub would flip ``HAVE_TE`` to True all over megatron-core and
-   send it down Transformer-Engine code paths.
+1. Everything ``bridge_sft.no_te`` does to run Bridge without Transformer
+   Engine: stand-ins for ``transformer_engine``/``nvidia_resiliency_ext`` served
+   only to the two Bridge modules that import them unguarded,
+   ``peft.utils.HAVE_TE = False``, and THD packed sequences on the local
+   attention (``PackedDotProductAttention``).
 2. A ``TorchFunctionMode`` that maps CUDA device arguments (``"cuda"``,
    ``"cuda:N"``, integer indices, ``torch.device("cuda")``), ``Tensor.cuda()``,
    ``Tensor.to("cuda")`` and ``pin_memory`` to the CPU, and reports CPU float
@@ -19,18 +19,11 @@ scale. This module instead makes the process look like a one-GPU machine whose
    memory statistics, nvtx, RNG state ...). ``torch.cuda.is_available()`` still
    tells the truth.
 4. Megatron's CUDA RNG tracker helpers on the CPU generator.
-5. Bridge fixes: ``initialize_megatron(allow_no_cuda=True)``,
-   ``peft.utils.HAVE_TE = False`` (megatron-core defines ``TELinear`` on a
-   MagicMock when TE is absent, so Bridge's own check says "TE present"), and
+5. Bridge fixes: ``initialize_megatron(allow_no_cuda=True)``, and
    ``temporary_distributed_context`` (single-process conversion/loading) seeding
    the RNG tracker, which Bridge does only when CUDA is available (without it a
    model forward fails: "cuda rng state model-parallel-rng is not added").
-6. Packed (THD) sequences for the local attention: megatron-core's local
-   ``DotProductAttention`` rejects ``packed_seq_params`` (only TE's attention
-   takes them), so ``PackedDotProductAttention`` runs the same local kernel
-   once per packed sequence. Bridge's provider installs it for
-   ``attention_backend=local``. Unpacked batches take the parent's code path.
-7. Checkpoint writes: megatron-core's torch_dist writer creates its results
+6. Checkpoint writes: megatron-core's torch_dist writer creates its results
    queue in a ``spawn`` Manager, which re-imports ``__main__`` (and megatron:
    ~10 s per process); it is created with ``fork`` instead, the start method
    Bridge itself uses for asynchronous saves.
@@ -41,8 +34,9 @@ initialisation, every CUDA fusion off, and gloo.
 
 ``enable()`` switches it on (idempotent, logs one line); ``maybe_enable(device)``
 does so for ``device="cpu"``, or for ``device="auto"`` when
-``torch.cuda.is_available()`` is false, and does nothing at all on a GPU.
-Importing this module changes nothing.
+``torch.cuda.is_available()`` is false. On a GPU it changes nothing, except on a
+host without Transformer Engine, where it enables ``bridge_sft.no_te`` (without
+which Bridge cannot even be imported there). Importing this module changes nothing.
 
 The mode is thread-local: code that Megatron runs on other threads (none on the
 SFT path with ``num_workers=0`` and synchronous checkpoints) would not see it.
@@ -50,29 +44,19 @@ SFT path with ``num_workers=0`` and synchronous checkpoints) would not see it.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import logging
-import sys
 import time
-import types
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from bridge_sft import no_te
+
 logger = logging.getLogger(__name__)
 
 _ENABLED = False
-
-# Bridge module -> the missing packages it imports at module level without a guard.
-_STANDIN_IMPORTERS = {
-    "megatron.bridge.peft.lora_layers": ("transformer_engine",),
-    "megatron.bridge.training.pretrain": ("nvidia_resiliency_ext",),
-}
 
 
 class TransformerEngineOnCPUError(RuntimeError):
@@ -87,7 +71,9 @@ def maybe_enable(device: str = "auto") -> bool:
     """Enable the CPU runtime for ``device="cpu"``, or for ``"auto"`` without a GPU.
 
     Returns True when the CPU runtime is active afterwards. ``device="cuda"``
-    (or ``"auto"`` on a GPU host) leaves torch and megatron untouched.
+    (or ``"auto"`` on a GPU host) leaves torch and megatron untouched, apart from
+    ``bridge_sft.no_te`` where Transformer Engine (or nvidia_resiliency_ext) is
+    not installed.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
@@ -95,6 +81,12 @@ def maybe_enable(device: str = "auto") -> bool:
         raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device; use device='cpu' or 'auto'.")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         enable()
+    elif not _ENABLED and not no_te.is_enabled():
+        if no_te.te_installed():
+            no_te.serve_missing_imports()
+        else:
+            logger.warning("bridge_sft: Transformer Engine is not installed: Megatron uses its local layers.")
+            no_te.enable()
     return _ENABLED
 
 
@@ -103,20 +95,17 @@ def enable() -> None:
     global _ENABLED
     if _ENABLED:
         return
-    if importlib.util.find_spec("transformer_engine") is not None:
+    if no_te.te_installed():
         raise TransformerEngineOnCPUError(
             "Transformer Engine is installed, but this process runs Megatron on the CPU. TE needs CUDA for "
             "every module and its presence makes megatron-core pick TE layers instead of the local layer "
             "spec. Remove it from this environment (pip uninstall -y transformer-engine transformer-engine-cu12 "
             "transformer-engine-torch) or run on a GPU host."
         )
-    already = sorted(m for m in _STANDIN_IMPORTERS if m in sys.modules)
-    if already:
-        raise RuntimeError(f"enable the CPU runtime before importing megatron.bridge (already imported: {already})")
-
-    sys.meta_path.insert(0, _StandInFinder())
+    no_te.serve_missing_imports()
     _patch_torch_cuda()
     _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
+    no_te.enable()
     _patch_megatron()
     _ENABLED = True
     logger.warning("bridge_sft: CPU runtime active (no CUDA): Megatron runs on the CPU over gloo.")
@@ -135,11 +124,7 @@ _CUDA_ONLY_FUSIONS = (
 
 def configure_model(provider) -> None:
     """Model-provider settings for the CPU: local layer spec and attention, CPU init, no fusions."""
-    from megatron.bridge.models.gpt_provider import local_layer_spec
-    from megatron.core.transformer.enums import AttnBackend
-
-    provider.transformer_layer_spec = local_layer_spec
-    provider.attention_backend = AttnBackend.local
+    no_te.configure_model(provider)
     provider.use_cpu_initialization = True
     for name in _CUDA_ONLY_FUSIONS:
         setattr(provider, name, False)
@@ -150,84 +135,6 @@ def configure(config) -> None:
     configure_model(config.model)
     config.dist.distributed_backend = "gloo"
     config.dataset.pin_memory = False
-
-
-# ---------------------------------------------------------------------------
-# 1. Stand-ins for packages that two Bridge modules import without a guard.
-
-
-class _Missing(type):
-    """A class standing in for any name of a package that is not installed.
-
-    Attribute access yields further stand-ins (``te.ops.Sequential``), so
-    annotations and ``isinstance`` checks work (nothing is an instance);
-    instantiating one raises ImportError.
-    """
-
-    def __getattr__(cls, name: str) -> "_Missing":
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Missing(f"{cls.__qualname__}.{name}", (), {"__module__": cls.__module__})
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise ImportError(f"{cls.__qualname__} is not available: its package is not installed (CPU runtime).")
-
-
-def _standin_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name, f"bridge_sft CPU-runtime stand-in for the missing package {name!r}")
-
-    def __getattr__(attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Missing(f"{name}.{attr}", (), {"__module__": name})
-
-    module.__getattr__ = __getattr__
-    return module
-
-
-def _import_with_standins(missing: tuple[str, ...]):
-    """An ``__import__`` that serves stand-ins for ``missing`` packages and delegates all else."""
-    real_import = builtins.__import__
-
-    def __import__(name, globals=None, locals=None, fromlist=(), level=0):
-        root = name.partition(".")[0]
-        if level == 0 and root in missing and importlib.util.find_spec(root) is None:
-            if fromlist:
-                return _standin_module(name)
-            return _standin_module(root)  # `import a.b as x` binds via getattr(a, "b")
-        return real_import(name, globals, locals, fromlist, level)
-
-    return __import__
-
-
-class _StandInLoader(importlib.abc.Loader):
-    """Executes a module with a private builtins dict whose ``__import__`` serves stand-ins.
-
-    Only the import statements of that one module see the stand-ins; ``sys.modules``
-    never holds them, so every other ``import transformer_engine`` still fails.
-    """
-
-    def __init__(self, loader: importlib.abc.Loader, missing: tuple[str, ...]):
-        self._loader = loader
-        self._missing = missing
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__builtins__ = {**builtins.__dict__, "__import__": _import_with_standins(self._missing)}
-        self._loader.exec_module(module)
-
-
-class _StandInFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        missing = _STANDIN_IMPORTERS.get(fullname)
-        if missing is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _StandInLoader(spec.loader, missing)
-        return spec
 
 
 # ---------------------------------------------------------------------------
@@ -367,15 +274,10 @@ def _patch_megatron() -> None:
         lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
     )
 
-    from megatron.bridge.models import gpt_provider
-    from megatron.bridge.peft import utils as peft_utils
     from megatron.bridge.training import setup as bridge_setup
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async.get_write_results_queue(mp_mode="fork")
-    gpt_provider.MCoreDotProductAttention = _packed_dot_product_attention_class()
-
-    peft_utils.HAVE_TE = False
 
     real_initialize_megatron = bridge_setup.initialize_megatron
 
@@ -396,44 +298,3 @@ def _patch_megatron() -> None:
             yield
 
     model_load_save.temporary_distributed_context = temporary_distributed_context
-
-
-def _packed_dot_product_attention_class():
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-
-    class PackedDotProductAttention(DotProductAttention):
-        """Local core attention that also takes THD packed sequences.
-
-        With ``packed_seq_params`` (qkv_format "thd"), query/key/value arrive as
-        ``[t, heads, head_dim]`` for one row of ``t`` packed tokens; each
-        sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` gets causal attention to
-        itself only, through the parent's own kernel, and the result is
-        ``[t, 1, heads * head_dim]`` as TE's THD attention returns it.
-        """
-
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                    packed_seq_params=None):
-            if packed_seq_params is None:
-                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
-            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
-            if cu_seqlens is None:
-                cu_seqlens = packed_seq_params.cu_seqlens_q
-            bounds = cu_seqlens.tolist()
-            if bounds[-1] < query.size(0):  # trailing padding: a sequence of its own
-                bounds.append(query.size(0))
-            outputs = [
-                super(PackedDotProductAttention, self).forward(
-                    query[start:end].unsqueeze(1),
-                    key[start:end].unsqueeze(1),
-                    value[start:end].unsqueeze(1),
-                    None,
-                    AttnMaskType.causal,
-                    attention_bias,
-                )
-                for start, end in zip(bounds[:-1], bounds[1:])
-                if end > start
-            ]
-            return torch.cat(outputs, dim=0)
-
-    return PackedDotProductAttention

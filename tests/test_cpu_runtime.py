@@ -10,9 +10,21 @@ import sys
 from launch import REPO, run_python
 
 
-def facts(scenario: str) -> dict:
-    out = run_python("cpu_runtime_facts.py", scenario).stdout
+def facts(scenario: str, env: dict | None = None) -> dict:
+    if env is None:
+        out = run_python("cpu_runtime_facts.py", scenario).stdout
+    else:
+        out = subprocess.run([sys.executable, str(REPO / "tests/drivers/cpu_runtime_facts.py"), scenario], cwd=REPO,
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=True).stdout
     return json.loads(out.split("FACTS ", 1)[1].splitlines()[0])
+
+
+def fake_packages(root, *names) -> str:
+    """Importable-looking (never imported) packages, so find_spec() sees them installed."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text("raise RuntimeError('a test stand-in: must not be imported')\n")
+    return os.pathsep.join([str(root), str(REPO)])
 
 
 def test_importing_bridge_sft_changes_nothing_until_enabled():
@@ -26,9 +38,18 @@ def test_importing_bridge_sft_changes_nothing_until_enabled():
     assert f["after_enable"]["meta_path"][0] == "_StandInFinder"
 
 
-def test_auto_mode_is_a_no_op_on_a_gpu_host():
-    # The test machine has no GPU: its driver replaces torch.cuda.is_available by `lambda: True`.
-    assert facts("gpu") == {"active": False, "unchanged": True}
+def test_auto_mode_is_a_no_op_on_a_gpu_host(tmp_path):
+    # The test machine has no GPU: the driver replaces torch.cuda.is_available by `lambda: True`,
+    # and fake packages make Transformer Engine and nvidia-resiliency-ext look installed.
+    pythonpath = fake_packages(tmp_path, "transformer_engine", "nvidia_resiliency_ext")
+    f = facts("gpu", env={"PYTHONPATH": pythonpath})
+    assert f == {"active": False, "unchanged": True, "no_te": False, "cuda_untouched": True}
+
+
+def test_a_gpu_host_without_transformer_engine_gets_local_layers_only(tmp_path):
+    f = facts("gpu", env={"PYTHONPATH": str(REPO)})
+    assert f["active"] is False and f["no_te"] is True  # Bridge importable, local layer spec
+    assert f["cuda_untouched"]  # but no device redirection: the GPU is used
 
 
 def test_enabled_runtime_redirects_cuda_and_serves_stand_ins_only_to_their_importers():

@@ -2,7 +2,9 @@
 
 ``cpu_runtime_facts.py inert``: state after ``import bridge_sft`` / ``bridge_sft.cpu``, then after ``enable()``.
 ``cpu_runtime_facts.py gpu``: ``maybe_enable("auto")`` on a host whose torch reports a GPU
-(torch.cuda.is_available is replaced by ``lambda: True``: no GPU exists on the test machine).
+(torch.cuda.is_available is replaced by ``lambda: True``: no GPU exists on the test machine);
+run it with stand-in ``transformer_engine``/``nvidia_resiliency_ext`` packages on PYTHONPATH
+for a GPU host that has them, without for one that has not.
 ``cpu_runtime_facts.py enabled``: behaviour of the enabled runtime (devices, stand-ins, megatron flags).
 """
 
@@ -43,14 +45,20 @@ def gpu():
     before = snapshot()
     import bridge_sft.cpu as cpu
 
+    from bridge_sft import no_te
+
     active = cpu.maybe_enable("auto")
-    return {"active": active, "unchanged": snapshot() == before}
+    after = snapshot()
+    return {"active": active, "unchanged": after == before, "no_te": no_te.is_enabled(),
+            "cuda_untouched": after["cuda_functions"] == before["cuda_functions"]
+            and after["function_modes"] == before["function_modes"]}
 
 
 def enabled():
     import torch
 
     import bridge_sft.cpu as cpu
+    from bridge_sft import no_te
 
     cpu.enable()
     import megatron.bridge  # noqa: F401  (imports lora_layers and, through training, pretrain)
@@ -80,7 +88,7 @@ def enabled():
         "te_in_sys_modules": "transformer_engine" in sys.modules,
         "mcore_have_te": mcore_te.HAVE_TE,
         "peft_have_te": peft_utils.HAVE_TE,
-        "lora_te_is_standin": isinstance(lora_layers.te, cpu._Missing),
+        "lora_te_is_standin": isinstance(lora_layers.te, no_te._Missing),
         "te_spec_found": importlib.util.find_spec("transformer_engine") is not None,
     }
 
