@@ -316,6 +316,18 @@ def test_train_on_options_and_weights(qwen3, dialogs):
     assert runs(qwen3, ids.tolist(), mask.tolist()) == runs(qwen3, every.input_ids, every.loss_mask)[1:]
 
 
+def test_encode_conversation_follows_changes_to_the_tokenizer_object(llama32):
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(LLAMA32_DIR))
+    tok.chat_template = _template("llama3.jinja")
+    first = encode_conversation(conv, tok)
+    tok.chat_template = _template("llama3_2.jinja")
+    second = encode_conversation(conv, tok)
+    assert second.input_ids == tok.apply_chat_template(conv, tokenize=True)["input_ids"] != first.input_ids
+
+
 def test_encode_conversation_rejects_bad_messages_and_templates(qwen3, llama32):
     with pytest.raises(RecordError, match="unknown role"):
         encode_conversation([{"role": "robot", "content": "x"}], qwen3)

@@ -104,15 +104,18 @@ class TokenizerSpec:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, name: str | None = None) -> "TokenizerSpec":
+        """The spec of an HF tokenizer (cached per tokenizer object while its template,
+        added tokens and special tokens stay the same)."""
+        fingerprint = _fingerprint(tokenizer)
         try:
             cached = _SPECS.get(tokenizer)
         except TypeError:  # not weak-referenceable
             cached = None
-        if cached is not None and (name is None or cached.name == name):
-            return cached
+        if cached is not None and cached[0] == fingerprint and (name is None or cached[1].name == name):
+            return cached[1]
         spec = cls._from_tokenizer(tokenizer, name)
         try:
-            _SPECS[tokenizer] = spec
+            _SPECS[tokenizer] = (fingerprint, spec)
         except TypeError:
             pass
         return spec
@@ -140,7 +143,17 @@ class TokenizerSpec:
         )
 
 
-_SPECS: "weakref.WeakKeyDictionary[Any, TokenizerSpec]" = weakref.WeakKeyDictionary()
+_SPECS: "weakref.WeakKeyDictionary[Any, tuple[tuple, TokenizerSpec]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(tokenizer) -> tuple:
+    """What may change on a live tokenizer object and changes the encoding (about 10 us)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return (
+        template if not isinstance(template, dict) else tuple(sorted(template.items())),
+        len(getattr(tokenizer, "added_tokens_decoder", ())),
+        repr(sorted(getattr(tokenizer, "special_tokens_map", {}).items())),
+    )
 _BACKENDS: OrderedDict[int, tuple[TokenizerSpec, Any]] = OrderedDict()
 
 
@@ -574,7 +587,7 @@ _ENCODERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 def get_encoder(tokenizer, *, train_on: str = "assistant", **kwargs) -> ChatEncoder:
     """A cached ``ChatEncoder`` for this tokenizer object and settings."""
-    key = (train_on, json.dumps(kwargs, sort_keys=True, default=repr))
+    key = (train_on, json.dumps(kwargs, sort_keys=True, default=repr), _fingerprint(tokenizer))
     try:
         per_tokenizer = _ENCODERS.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable
