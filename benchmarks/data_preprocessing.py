@@ -17,7 +17,7 @@ Methods (conversations/s and tokens/s; "supervised" counts labels with loss_mask
 
 Also: where the two masks differ (by token), and the cache's cold build / warm load times.
 Data: ``../shared/data/chatterbot_messages.jsonl`` when present, else the bundled sample;
-``quick=True`` uses its first 1,000 dialogs. Tokenizer: Qwen3 with its official template.
+``quick=True`` uses its first 500 dialogs. Tokenizer: Qwen3 with its official template.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _data(quick: bool, tmp: Path) -> Path:
     if not quick:
         return source
     path = tmp / "dialogs.jsonl"
-    path.write_text("".join(source.read_text(encoding="utf-8").splitlines(True)[:1000]), encoding="utf-8")
+    path.write_text("".join(source.read_text(encoding="utf-8").splitlines(True)[:500]), encoding="utf-8")
     return path
 
 
