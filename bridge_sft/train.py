@@ -59,6 +59,12 @@ def check_config(config: ConfigContainer) -> None:
             "must sum, and Megatron divides by the global supervised-token count itself. "
             "Set ddp.average_in_collective=False."
         )
+    if getattr(config.dataset, "packing", False) and config.train.micro_batch_size != 1:
+        raise ValueError(
+            f"packed sequences need train.micro_batch_size=1 (got {config.train.micro_batch_size}): a pack already "
+            "holds seq_length tokens of several samples. Set train.micro_batch_size=1 (raise "
+            "train.global_batch_size instead), or packing=false."
+        )
     data_seq_length = getattr(config.dataset, "seq_length", None)
     if data_seq_length is not None and data_seq_length != config.model.seq_length:
         raise ValueError(

@@ -140,8 +140,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
     }
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
-    out_text = run_python("cli_errors.py", spec).stdout
-    results = json.loads(out_text.split("CLI ", 1)[1].splitlines()[0])
+    out_text = run_python("cli_batch.py", spec).stdout
+    results = json.loads(out_text.rsplit("CLI-RESULT ", 1)[1].splitlines()[0])
     expect = {
         "missing_hf": "nope: no such directory",
         "unsupported_arch": "architecture GPT2LMHeadModel is not supported by Megatron-Bridge",

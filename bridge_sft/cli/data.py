@@ -18,9 +18,6 @@ import sys
 
 from bridge_sft.cli import UserError
 
-GREEN, RESET = "\033[1;32m", "\033[0m"
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("data", help="preview and prepare chat data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,18 +157,11 @@ def run_preview(args) -> int:
 
 
 def _show(where: str, ids: list[int], mask: list[int], tokenizer, color: bool) -> None:
+    from bridge_sft.data import render_supervised
+
     supervised = sum(mask[1:])  # the first token is never a label
     print(f"=== {where}: {len(ids)} tokens, {supervised} supervised ===")
-    out, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or mask[i] != mask[start]:
-            text = tokenizer.decode(ids[start:i], skip_special_tokens=False)
-            if mask[start]:
-                out.append(f"{GREEN}{text}{RESET}" if color else f"[[{text}]]")
-            else:
-                out.append(text)
-            start = i
-    print("".join(out))
+    print(render_supervised(ids, mask, tokenizer, color=color))
     print()
 
 

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="train a tiny model on bundled dialogs end to end (CPU)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/demo", help="replaced on every run (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=120, help="training iterations (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=200, help="training iterations (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.set_defaults(func=main)
 
@@ -48,18 +48,24 @@ def main(args) -> int:
                       num_key_value_heads=2, vocab_size=1024)
     hf_dir = build_tiny_model(out / "tiny-hf", arch="llama", sizes=sizes)
 
-    say("2/5", f"the bundled dialogs ({SAMPLE_DIALOGS.name}, BSD-3 ChatterBot corpus) as the model sees them")
-    from transformers import AutoTokenizer
-
-    from bridge_sft.data import encode_conversation, render_masked
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    data = out / "data" / "chatterbot-english.jsonl"
+    say("2/5", f"the English dialogs of the bundled ChatterBot corpus (BSD-3) -> {data}, as the model sees them")
     import json
 
-    first = json.loads(SAMPLE_DIALOGS.read_text(encoding="utf-8").splitlines()[1])
-    encoded = encode_conversation(first["messages"], tokenizer)
-    print("   supervised tokens in [brackets] (the assistant's reply and its end-of-turn token):")
-    print("   " + render_masked(encoded, tokenizer).replace("\n", "\n   "))
+    from transformers import AutoTokenizer
+
+    from bridge_sft.data import encode_conversation, render_supervised
+
+    records = [json.loads(line) for line in SAMPLE_DIALOGS.read_text(encoding="utf-8").splitlines()]
+    english = [r for r in records if r.get("lang") == "english"]
+    data.parent.mkdir(parents=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in english), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    example = next(r for r in english if len(r["messages"]) >= 4)
+    encoded = encode_conversation(example["messages"], tokenizer)
+    print(f"   {len(english)} dialogs; supervised tokens between [[ ]] (each assistant reply and its end-of-turn token):")
+    rendered = render_supervised(encoded.input_ids, encoded.loss_mask, tokenizer)
+    print("   " + rendered.replace("\n", "\n   "))
 
     say("3/5", f"fine-tuning for {args.steps} iterations under Megatron-Bridge's finetune()")
     from bridge_sft import cpu
@@ -69,8 +75,8 @@ def main(args) -> int:
     from bridge_sft.recipes import tiny
     from bridge_sft.train import run
 
-    config = tiny(str(hf_dir), str(SAMPLE_DIALOGS), output_dir=str(out / "run"), train_iters=args.steps,
-                  eval_interval=max(args.steps // 4, 1), save_interval=args.steps, log_interval=10)
+    config = tiny(str(hf_dir), str(data), output_dir=str(out / "run"), train_iters=args.steps, lr=3e-3,
+                  min_lr=3e-4, eval_interval=max(args.steps // 4, 1), save_interval=args.steps, log_interval=10)
     history = LossHistory()
     totals = run(config, device=args.device, callbacks=[history])
 

@@ -622,3 +622,23 @@ def encode_conversation(
     encoder = get_encoder(tokenizer, train_on=train_on)
     ids, mask = encoder.encode(Conversation(normalized, tools, trainable))
     return EncodedConversation(ids.tolist(), mask.tolist())
+
+
+GREEN, RESET = "\033[1;32m", "\033[0m"
+
+
+def render_supervised(input_ids: list[int], loss_mask: list[int], tokenizer, color: bool = False) -> str:
+    """The decoded conversation with its supervised tokens (``loss_mask == 1``) marked.
+
+    Marked spans are green (``color=True``, for terminals) or between ``[[`` and ``]]``.
+    Special tokens are shown, so role headers and end-of-turn tokens are visible.
+    """
+    pieces, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or loss_mask[i] != loss_mask[start]:
+            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
+            if loss_mask[start]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            pieces.append(text)
+            start = i
+    return "".join(pieces)

@@ -1,6 +1,6 @@
 """Driver: run ``bridge-sft`` argument lists in-process; print their exit codes and stderr as JSON.
 
-Usage: ``cli_errors.py CASES.json`` with ``{"name": ["train", ...], ...}``. The stderr of each
+Usage: ``cli_batch.py CASES.json`` with ``{"name": ["train", ...], ...}``. The stderr of each
 case is captured; the CLI's contract for user errors is exit code 2 and one ``error: ...`` line.
 """
 
@@ -24,4 +24,4 @@ def run(argv):
 
 if __name__ == "__main__":
     cases = json.load(open(sys.argv[1]))
-    print("CLI " + json.dumps({name: run(argv) for name, argv in cases.items()}))
+    print("\nCLI-RESULT " + json.dumps({name: run(argv) for name, argv in cases.items()}))
