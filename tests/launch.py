@@ -60,21 +60,27 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     return _run(cmd, _env(max(1, CORES // nproc)), timeout, check)
 
 
-def train_tiny(tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> dict:
-    """Run tests/drivers/train_tiny.py with ``spec`` (see its docstring); return its result.
-
-    The result's ``losses`` and ``val_losses`` are ``{iteration: lm loss}`` with int keys.
-    """
+def run_spec(driver: str, tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> dict:
+    """Write ``spec`` (plus ``out``) to JSON, run ``driver SPEC`` (under torchrun if ``nproc > 1``), and
+    return the JSON the driver wrote to ``spec["out"]``."""
     import json
 
     spec = {"out": str(tmp_path / f"{name}.json"), **spec}
     spec_path = tmp_path / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     if nproc == 1:
-        run_python("train_tiny.py", spec_path)
+        run_python(driver, spec_path)
     else:
-        run_torchrun("train_tiny.py", spec_path, nproc=nproc)
-    result = json.loads(Path(spec["out"]).read_text())
+        run_torchrun(driver, spec_path, nproc=nproc)
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def train_tiny(tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> dict:
+    """Run tests/drivers/train_tiny.py with ``spec`` (see its docstring); return its result.
+
+    The result's ``losses`` and ``val_losses`` are ``{iteration: lm loss}`` with int keys.
+    """
+    result = run_spec("train_tiny.py", tmp_path, name, spec, nproc)
     for key in ("losses", "val_losses"):
         result[key] = {int(k): v for k, v in result[key].items()}
     return result

@@ -4,10 +4,9 @@ per-token losses are the same whether it trains alone or inside a THD pack (1 pr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from launch import run_python, run_torchrun
+from launch import run_spec
 
 from bridge_sft.tiny import SAMPLE_DIALOGS
 
@@ -28,14 +27,8 @@ def chat_data(tmp_path_factory) -> Path:
 
 def _losses(tmp_path, name, hf, data, packed, tp=1) -> dict:
     spec = {"hf": str(hf), "data": str(data), "seq_length": 256, "packed": packed, "tp": tp,
-            "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / f"{name}.json")}
-    spec_path = tmp_path / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    if tp == 1:
-        run_python("data_packed_losses.py", spec_path)
-    else:
-        run_torchrun("data_packed_losses.py", spec_path, nproc=tp)
-    return json.loads(Path(spec["out"]).read_text())
+            "cache_dir": str(tmp_path / "cache")}
+    return run_spec("data_packed_losses.py", tmp_path, name, spec, nproc=tp)
 
 
 def _compare(unpacked: dict, packed: dict) -> float:

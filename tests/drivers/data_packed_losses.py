@@ -18,6 +18,7 @@ import os
 import sys
 
 import torch
+from _common import Tee
 
 from bridge_sft.data.datasets import PackedSFTDataset
 from bridge_sft.data.provider import SFTDatasetProvider
@@ -33,18 +34,6 @@ class RecordingProvider(SFTDatasetProvider):
         datasets = super().build_datasets(context)
         BUILT["train"] = datasets[0]
         return datasets
-
-
-class Tee:
-    def __init__(self, iterator):
-        self.iterator, self.last = iterator, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.last = next(self.iterator)
-        return self.last
 
 
 def main(spec_path):

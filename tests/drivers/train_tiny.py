@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from _common import Tee
 
 from bridge_sft.recipes import sft
 from bridge_sft.step import forward_step
@@ -67,20 +68,6 @@ class ListProvider(DatasetProvider):
             return ListDataset(self.samples, n, self.hf_labels) if n else None
 
         return dataset(context.train_samples), dataset(context.valid_samples), None
-
-
-class Tee:
-    """Iterator wrapper remembering the last raw batch the forward step took."""
-
-    def __init__(self, iterator):
-        self.iterator, self.last = iterator, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.last = next(self.iterator)
-        return self.last
 
 
 def manual_loss(model, batch):
