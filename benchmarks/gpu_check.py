@@ -229,7 +229,7 @@ def make_config(hf_dir: Path, data: Path, out_dir: Path, args, env: dict):
 
 def summarize(result: dict, args, env: dict, setup: dict) -> dict:
     """Per-step figures over the timed iterations, the ratios, and the self-checks."""
-    from benchmarks.step_overhead import BRIDGE, OURS, consistency, pair_ratios
+    from benchmarks.step_overhead import BRIDGE, OURS, consistency, median_ci95, pair_ratios
 
     records = result["records"]
     timed = [r for r in records if r["iteration"] >= args.warmup and not r["skipped"]]
@@ -265,6 +265,7 @@ def summarize(result: dict, args, env: dict, setup: dict) -> dict:
         "per_step": per_step,
         "ratios": {
             "seconds_per_iteration (ours/bridge, median of pairs)": statistics.median(ratios) if ratios else None,
+            "seconds_per_iteration ratio, 95% CI of the median": median_ci95(ratios) if ratios else None,
             "pairs": len(ratios),
             "supervised_tokens_per_s (ours/bridge)": ours["supervised_tokens_per_s_per_gpu"]
             / bridge["supervised_tokens_per_s_per_gpu"],
@@ -289,6 +290,8 @@ def markdown(summary: dict) -> str:
         summary["per_step"]["bridge gpt_step"]
     r, c = summary["ratios"], summary["checks"]
 
+    ci = r["seconds_per_iteration ratio, 95% CI of the median"]
+
     def ratio(a, b):
         return f"{a / b:.4f}" if b else "n/a"
 
@@ -307,7 +310,7 @@ def markdown(summary: dict) -> str:
         "|---|---|---|---|",
         f"| seconds per iteration (median) | {ours['seconds_per_iteration_median']:.4f} | "
         f"{bridge['seconds_per_iteration_median']:.4f} | {r['seconds_per_iteration (ours/bridge, median of pairs)']:.4f}"
-        f" (median of {r['pairs']} pairs) |",
+        f" (median of {r['pairs']} pairs, 95% CI {ci[0]:.4f}-{ci[1]:.4f}) |",
         f"| supervised tokens/s | {ours['supervised_tokens_per_s_per_gpu']:,.0f} | "
         f"{bridge['supervised_tokens_per_s_per_gpu']:,.0f} | {r['supervised_tokens_per_s (ours/bridge)']:.4f} |",
         f"| slot tokens/s | {ours['slot_tokens_per_s_per_gpu']:,.0f} | {bridge['slot_tokens_per_s_per_gpu']:,.0f} | "

@@ -1,7 +1,7 @@
 """Run every benchmark of the project and write one table of ratios against the baselines
 measured in the same run (Markdown + JSON).
 
-    python benchmarks/run.py                 # CPU, about 5 minutes on 2 cores
+    python benchmarks/run.py                 # CPU, about 4 minutes on 2 cores
     python benchmarks/run.py --full          # every benchmark's full size (about 20 minutes)
     python benchmarks/run.py --only step_overhead token_efficiency --out-dir /tmp/bench
 
@@ -114,7 +114,8 @@ def _summary_data_preprocessing(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         if "speedup_vs_bridge" in r and not r["method"].startswith("bridge _chat"):
-            out.append(_line("data preprocessing", f"tokens/s, {r['processes']} process(es)", r["method"],
+            ceiling = " (reference: no masks, not bridge-sft)" if r["method"].startswith("plain") else ""
+            out.append(_line("data preprocessing", f"tokens/s, {r['processes']} process(es){ceiling}", r["method"],
                              "bridge _chat_preprocess", r["speedup_vs_bridge"], "ours / Bridge (>1: ours faster)"))
         elif "speedup_vs_cold" in r:
             out.append(_line("data preprocessing", "cache warm load vs cold build", r["method"], "cold build",
@@ -153,9 +154,11 @@ def _summary_step_overhead(rows: list[dict]) -> list[dict]:
         if r.get("summary"):
             checks_ok = (r["supervised_tokens_ours"] == r["supervised_tokens_bridge"]
                          == r["supervised_tokens_counted_by_our_step"])
+            spread = (f"95% CI {r['ratio_ci95_low']:.4f}-{r['ratio_ci95_high']:.4f}" if "ratio_ci95_low" in r
+                      else f"p25-p75 {r['ratio_p25']:.4f}-{r['ratio_p75']:.4f}")
             out.append(_line(
-                "step overhead", f"seconds per iteration ({r['model']}, {r['pairs']} pairs, "
-                f"p25-p75 {r['ratio_p25']:.4f}-{r['ratio_p75']:.4f})", "bridge_sft.step", "gpt_step.forward_step",
+                "step overhead", f"seconds per iteration ({r['model']}, {r['pairs']} pairs, {spread})",
+                "bridge_sft.step", "gpt_step.forward_step",
                 r["ratio (ours/bridge)"], f"ours / Bridge (target <= {r['target']}); supervised tokens "
                 f"{'equal' if checks_ok else 'DIFFER'}"))
     return out

@@ -20,7 +20,8 @@ device synchronised at both ends on a GPU), Bridge's own FLOPs count for the
 iteration (``train_state.floating_point_operations_so_far``, the figure behind its
 TFLOP/s log), the loss, and on a GPU the peak allocated memory. The first
 ``warmup`` iterations are left out. The reported ratio is the median over pairs of
-(our iteration time / Bridge's), with its 25th-75th percentile spread; several
+(our iteration time / Bridge's), with a 95% bootstrap confidence interval of that
+median and the 25th-75th percentile spread of the pairs; several
 processes (``repeats``) run one after another. Supervised tokens per iteration
 come from the batches themselves and must be identical for both steps. As a
 noise-free cross-check, the work our step adds to Bridge's (``normalize_batch`` and
@@ -258,6 +259,19 @@ def added_work_us(batch: dict, repeats: int = 2000) -> float:
     return statistics.median(rounds)
 
 
+def median_ci95(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap confidence interval of the median of ``values`` (percentile method, seeded)."""
+    import numpy as np
+
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return v, v
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values)
+    medians = np.median(rng.choice(data, size=(resamples, len(data)), replace=True), axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         v = values[0] if values else float("nan")
@@ -329,13 +343,14 @@ def run(quick: bool = False, repeats: int | None = None, iters: int | None = Non
             all_records += [dict(r, iteration=r["iteration"] + process * 10**6) for r in records]
             counted += result["totals"]["supervised_tokens"]
     p25, median, p75 = _quantiles(all_ratios)
+    ci_low, ci_high = median_ci95(all_ratios)
     added_us = statistics.median(r["added_us_per_micro_batch"] for r in rows)
     ours_ms = statistics.median(r["ours_median_ms"] for r in rows)
     rows.append({
         "benchmark": "step_overhead", "summary": True, "model": "tiny llama (hidden 64, 2 layers), CPU",
         "seq_length": 256, "global_batch_size": 8, "processes": repeats, "pairs": len(all_ratios),
-        "ratio (ours/bridge)": median, "ratio_p25": p25, "ratio_p75": p75,
-        "ratio_min": min(all_ratios), "ratio_max": max(all_ratios), "target": TARGET,
+        "ratio (ours/bridge)": median, "ratio_ci95_low": ci_low, "ratio_ci95_high": ci_high,
+        "ratio_p25": p25, "ratio_p75": p75, "ratio_min": min(all_ratios), "ratio_max": max(all_ratios), "target": TARGET,
         "added_us_per_micro_batch": added_us, "added_share_of_iteration": added_us * 8 / (ours_ms * 1e3),
         **consistency(all_records, counted),
     })
@@ -353,7 +368,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         if r.get("summary"):
             lines.append(
-                f"\nAll {r['pairs']} pairs: ratio {r['ratio (ours/bridge)']:.4f} (p25-p75 {r['ratio_p25']:.4f}-"
+                f"\nAll {r['pairs']} pairs: ratio {r['ratio (ours/bridge)']:.4f} (95% CI of the median "
+                f"{r['ratio_ci95_low']:.4f}-{r['ratio_ci95_high']:.4f}; p25-p75 {r['ratio_p25']:.4f}-"
                 f"{r['ratio_p75']:.4f}, min-max {r['ratio_min']:.3f}-{r['ratio_max']:.3f}; target <= {r['target']}). "
                 f"Supervised tokens: ours {r['supervised_tokens_ours']:,}, Bridge {r['supervised_tokens_bridge']:,}, "
                 f"counted by our step {r['supervised_tokens_counted_by_our_step']:,}; max pair loss difference "
