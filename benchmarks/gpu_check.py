@@ -65,6 +65,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense BF16 (also the H200's)
+DRY = "DRY RUN on CPU, tiny sizes: figures are not GPU results"
 LLAMA32_1B = {
     "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
     "num_key_value_heads": 8, "head_dim": 64,
@@ -291,12 +292,14 @@ def markdown(summary: dict) -> str:
     r, c = summary["ratios"], summary["checks"]
 
     ci = r["seconds_per_iteration ratio, 95% CI of the median"]
+    seconds_ratio = r["seconds_per_iteration (ours/bridge, median of pairs)"]
+    mfu = f"MFU vs {PEAK_BF16_TFLOPS:.0f} dense BF16 TFLOP/s"
 
     def ratio(a, b):
         return f"{a / b:.4f}" if b else "n/a"
 
     lines = [
-        f"GPU check ({'DRY RUN on CPU, tiny sizes: figures are not GPU results' if s['dry_run'] else 'Llama-3.2-1B shape'}"
+        f"GPU check ({DRY if s['dry_run'] else 'Llama-3.2-1B shape'}"
         f"): {env['device']}, torch {env['torch']}, megatron-core {env['megatron-core']}, "
         f"megatron-bridge {env['megatron-bridge']}, transformers {env['transformers']}",
         f"Layers: {env['layers']}.",
@@ -309,7 +312,7 @@ def markdown(summary: dict) -> str:
         f"| per GPU | {OURS} step | {BRIDGE} step | ratio ours/Bridge |",
         "|---|---|---|---|",
         f"| seconds per iteration (median) | {ours['seconds_per_iteration_median']:.4f} | "
-        f"{bridge['seconds_per_iteration_median']:.4f} | {r['seconds_per_iteration (ours/bridge, median of pairs)']:.4f}"
+        f"{bridge['seconds_per_iteration_median']:.4f} | {seconds_ratio:.4f}"
         f" (median of {r['pairs']} pairs, 95% CI {ci[0]:.4f}-{ci[1]:.4f}) |",
         f"| supervised tokens/s | {ours['supervised_tokens_per_s_per_gpu']:,.0f} | "
         f"{bridge['supervised_tokens_per_s_per_gpu']:,.0f} | {r['supervised_tokens_per_s (ours/bridge)']:.4f} |",
@@ -317,9 +320,10 @@ def markdown(summary: dict) -> str:
         f"{ratio(ours['slot_tokens_per_s_per_gpu'], bridge['slot_tokens_per_s_per_gpu'])} |",
         f"| model TFLOP/s (Bridge's FLOPs count) | {ours['model_tflops_per_gpu']:.2f} | "
         f"{bridge['model_tflops_per_gpu']:.2f} | {r['model_tflops (ours/bridge)']:.4f} |",
-        f"| MFU vs {PEAK_BF16_TFLOPS:.0f} dense BF16 TFLOP/s | {ours['mfu_vs_989']:.2%} | {bridge['mfu_vs_989']:.2%} | |",
-        f"| peak allocated GPU memory (GiB) | {ours['peak_memory_gib']:.2f} | {bridge['peak_memory_gib']:.2f} | "
-        f"{ratio(ours['peak_memory_gib'], bridge['peak_memory_gib'])} |",
+        f"| {mfu} | {ours['mfu_vs_989']:.2%} | {bridge['mfu_vs_989']:.2%} | |",
+        (f"| peak allocated GPU memory (GiB) | {ours['peak_memory_gib']:.2f} | {bridge['peak_memory_gib']:.2f} | "
+         f"{ratio(ours['peak_memory_gib'], bridge['peak_memory_gib'])} |") if env["cuda"]
+        else "| peak allocated GPU memory (GiB) | n/a (CPU) | n/a (CPU) | |",
         "",
         f"Checks: supervised tokens ours {c['supervised_tokens_ours']:,} = Bridge {c['supervised_tokens_bridge']:,} "
         f"(our step counted {c['supervised_tokens_counted_by_our_step']:,}); max loss difference within a pair "

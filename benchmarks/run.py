@@ -14,7 +14,7 @@ never two training processes at a time. What the default run does:
 | loss path | ``benchmarks/loss_path.py`` | ``quick``: seq 2048, fp32 and bf16, one repeat |
 | data preprocessing | ``benchmarks/data_preprocessing.py`` | ``quick``: first 1,000 dialogs |
 | packing efficiency | ``benchmarks/packing_efficiency.py`` | ``quick``: bundled dialogs |
-| useful-token efficiency | ``benchmarks/token_efficiency.py`` | full: bundled + full ChatterBot sets (when present) and their long-conversation versions, seq 2048/4096 |
+| useful-token efficiency | ``benchmarks/token_efficiency.py`` | full: bundled + full ChatterBot, and long versions |
 | step overhead | ``benchmarks/step_overhead.py`` | 2 processes x 48 interleaved iterations |
 
 ``--full`` runs every benchmark with ``quick=False`` (step overhead: 3 x 60).
