@@ -375,7 +375,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out or os.environ.get("OUT") or REPO / "outputs" / "bench" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bridge_sft_gpu_check_"))
+    if args.work_dir:
+        return _check(args, env, device, out, Path(args.work_dir))
+    with tempfile.TemporaryDirectory(prefix="bridge_sft_gpu_check_") as work:  # removed afterwards
+        return _check(args, env, device, out, Path(work))
+
+
+def _check(args, env: dict, device: str, out: Path, work: Path) -> dict:
+    """Build the model and data under ``work``, train, and write the report to ``out``."""
     from benchmarks import long_conversations
     from benchmarks.step_overhead import interleaved_run
     from bridge_sft.tiny import SAMPLE_DIALOGS
