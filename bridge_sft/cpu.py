@@ -111,19 +111,12 @@ def enable() -> None:
     logger.warning("bridge_sft: CPU runtime active (no CUDA): Megatron runs on the CPU over gloo.")
 
 
-_CUDA_ONLY_FUSIONS = (
-    "gradient_accumulation_fusion",
-    "bias_activation_fusion",
-    "bias_dropout_fusion",
-    "masked_softmax_fusion",
-    "persist_layer_norm",
-    "apply_rope_fusion",
-    "cross_entropy_loss_fusion",
-)
+# Beyond no_te.TE_FUSIONS: fusions jit-compiled for CUDA.
+_CUDA_ONLY_FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion")
 
 
 def configure_model(provider) -> None:
-    """Model-provider settings for the CPU: local layer spec and attention, CPU init, no fusions."""
+    """Model-provider settings for the CPU: local layer spec and attention, CPU init, no fusions at all."""
     no_te.configure_model(provider)
     provider.use_cpu_initialization = True
     for name in _CUDA_ONLY_FUSIONS:

@@ -199,10 +199,17 @@ def enable() -> None:
     _ENABLED = True
 
 
+# Fusions that need TE or apex kernels; Bridge's model bridges turn some on (Llama: rope, masked softmax).
+TE_FUSIONS = ("apply_rope_fusion", "masked_softmax_fusion", "persist_layer_norm", "gradient_accumulation_fusion")
+
+
 def configure_model(provider) -> None:
-    """Local layer spec and local attention (with ``PackedDotProductAttention`` for packed batches)."""
+    """Local layer spec and local attention (with ``PackedDotProductAttention`` for packed batches),
+    and the fusions that need TE or apex kernels off."""
     from megatron.bridge.models.gpt_provider import local_layer_spec
     from megatron.core.transformer.enums import AttnBackend
 
     provider.transformer_layer_spec = local_layer_spec
     provider.attention_backend = AttnBackend.local
+    for name in TE_FUSIONS:
+        setattr(provider, name, False)
