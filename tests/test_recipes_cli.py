@@ -103,9 +103,11 @@ def test_dry_run_prints_the_resolved_config(hf_configs, tmp_path):
     recipe = tmp_path / "my.yaml"
     recipe.write_text(yaml.safe_dump({"recipe": "qwen3_0p6b", "hf_path": str(root / "qwen3_0p6b"),
                                       "train": {"train_iters": 11}}))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "bridge_sft.cli", "train", str(recipe), f"data={data}", "optimizer.lr=3e-6",
-         "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=600,
+         "--dry-run"], cwd=workdir, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,7 +116,7 @@ def test_dry_run_prints_the_resolved_config(hf_configs, tmp_path):
     assert printed["optimizer"]["lr"] == 3e-6
     assert printed["model"]["num_layers"] == 28
     assert printed["dataset"]["data_path"] == str(data)
-    assert not (REPO / "outputs").exists() or not any((REPO / "outputs").iterdir())
+    assert list(workdir.iterdir()) == []  # a dry run writes nothing
 
 
 def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):

@@ -42,7 +42,8 @@ def main(hf, data, out, cache_dir):
     from bridge_sft.train import check_config
 
     config = SimpleNamespace(model=SimpleNamespace(seq_length=256, calculate_per_token_loss=True),
-                             ddp=SimpleNamespace(average_in_collective=False), dataset=provider)
+                             ddp=SimpleNamespace(average_in_collective=False), dataset=provider,
+                             train=SimpleNamespace(micro_batch_size=1))
     try:
         check_config(config)
         facts["mismatch_error"] = None
