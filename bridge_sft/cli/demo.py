@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-PROMPTS = ["Hello, how are you?", "What is your favorite book?", "Tell me a joke."]
+PROMPTS = ["How are you?", "What is your favorite book?", "Can I ask you a question?"]
 
 
 def add_parser(subparsers) -> None:
@@ -83,6 +83,8 @@ def main(args) -> int:
     export = Path(config.checkpoint.save) / f"iter_{args.steps:07d}" / "hf"
     say("4/5", f"reloading the HF export {export} with transformers and generating")
     replies = generate(export, PROMPTS)
+    print("   (a 4-layer model trained from random weights for two minutes: expect ChatterBot-flavoured\n"
+          "    fragments, not answers; the point is that the exported HF model loads and generates)")
     for prompt, reply in replies:
         print(f"   user: {prompt}\n   assistant: {reply}")
 
