@@ -163,6 +163,16 @@ def test_turn_located_in_whole_rendering_not_by_prefix_tokenization(qwen3):
 # --------------------------------------------------------------------------- generation marks
 
 
+def _split_character_tails(tokenizer, text, got_mask, want_mask) -> list[int]:
+    """Tokens we supervise and HF does not that hold only the remaining bytes of a character
+    whose first bytes HF's previous, supervised token holds. HF maps a span's last character to
+    its FIRST token (``char_to_token``) and leaves the rest of that character's bytes out; the
+    model has to emit them too, so our rule (any supervised character) keeps them."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(zip(got_mask, want_mask))
+            if a == 1 and b == 0 and i > 0 and want_mask[i - 1] == 1 and offsets[i][0] < offsets[i - 1][1]]
+
+
 def test_marks_agree_with_hf_return_assistant_tokens_mask_on_trl_training_templates(qwen3, dialogs):
     checked = []
     for path in sorted(glob.glob(str(TRL_TEMPLATES / "*_training.jinja"))):
@@ -177,7 +187,11 @@ def test_marks_agree_with_hf_return_assistant_tokens_mask_on_trl_training_templa
             except Exception:  # a vision template that wants content parts, etc.
                 continue
             ids, mask = encoder.encode(_conv(conv))
-            _assert_same(ids.tolist(), mask.tolist(), ref["input_ids"], ref["assistant_masks"], Path(path).name)
+            got, want = mask.tolist(), list(ref["assistant_masks"])
+            text = qwen3.apply_chat_template(conv, chat_template=template, tokenize=False)
+            for i in _split_character_tails(qwen3, text, got, want):  # the only difference allowed
+                want[i] = 1
+            _assert_same(ids.tolist(), got, ref["input_ids"], want, Path(path).name)
             compared += 1
         if compared:
             checked.append(Path(path).name)
