@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
 STAMP="$VENV/.bridge-sft-stamp"
-NEEDED_GB=12
+NEEDED_GB=${BRIDGE_SFT_VENV_MIN_GB:-12}  # free disk needed while installing
 
 say() { printf '[venv] %s\n' "$*"; }
 fail() { printf '[venv] ERROR: %s\n' "$*" >&2; exit 1; }
