@@ -23,6 +23,7 @@ def test_provider_contract(tmp_path, tiny_qwen3):
                                            "cu_seqlens_kv", "max_seqlen_q", "max_seqlen_kv"])
     assert f["unpacked_item_keys"] == ["labels", "loss_mask", "position_ids", "tokens"]
     assert f["unpacked_lengths"] == [5, 3, 40]
+    assert f["no_validation_wanted"] is None
     assert len(f["cache_entries"]) == 1  # the train and validation splits share one encoded cache
     assert "dataset.seq_length=128 but model.seq_length=256" in f["mismatch_error"]
     errors = f["field_errors"]

@@ -139,6 +139,11 @@ class SFTDatasetProvider(DatasetProvider):
         datasets = {}
         for name in ("train", "validation", "test"):
             data, indices = splits[name]
+            if name != "train" and not wanted[name]:
+                # Bridge asks for no items (e.g. eval_interval=None): no dataset, or its
+                # sampler would fail on an empty one.
+                datasets[name] = None
+                continue
             if not len(indices):
                 if name == "train":
                     raise DataError("the training split is empty")

@@ -38,6 +38,9 @@ def main(hf, data, out, cache_dir):
     train, valid, _ = unpacked.build_datasets(DatasetBuildContext(train_samples=5, valid_samples=3, test_samples=0))
     facts["unpacked_item_keys"] = sorted(train[0])
     facts["unpacked_lengths"] = [len(train), len(valid), len(valid.indices)]
+    # eval_interval=None: Bridge asks for no validation items (its sampler rejects an empty dataset)
+    _, valid, _ = provider.build_datasets(DatasetBuildContext(train_samples=4, valid_samples=0, test_samples=0))
+    facts["no_validation_wanted"] = valid
 
     from bridge_sft.train import check_config
 
