@@ -30,7 +30,7 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -54,7 +54,7 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     """Run ``script`` under torchrun with ``nproc`` ranks on one node (gloo on CPU); return the process."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         str(DRIVERS / script), *map(str, args),
     ]
     return _run(cmd, _env(max(1, CORES // nproc)), timeout, check)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from launch import REPO, run_python
+from launch import REPO, free_port, run_python
 
 from bridge_sft.tiny import SAMPLE_DIALOGS
 
@@ -88,3 +88,21 @@ def test_lora_trains_only_adapters_and_exports_merged(tiny_llama, tmp_path):
     trained = torch.load(out / "probe_logits.pt")
     assert (merged - hf_logits(tiny_llama, tokens)).abs().max() > 1e-3  # the adapters were merged in
     torch.testing.assert_close(merged, trained, rtol=0, atol=1e-4)
+
+
+def test_train_command_under_torchrun_with_tensor_parallelism(tiny_llama, tmp_path):
+    """The README's multi-GPU form, on 2 CPU ranks over gloo: every rank runs the same command."""
+    out = tmp_path / "tp2"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+         f"--master-port={free_port()}", "-m", "bridge_sft.cli", "train", "tiny", f"hf_path={tiny_llama}",
+         f"output_dir={out}", "tensor_parallel=2", "train_iters=4", "log_interval=1", "eval_interval=null",
+         "save_interval=4", "save_hf=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = {int(i): float(v) for i, v in ITERATION_LOSS.findall(proc.stdout)}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert "tensor_model_parallel_size: 2" in proc.stdout
+    assert (out / "checkpoints" / "iter_0000004").is_dir()
