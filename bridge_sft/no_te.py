@@ -13,8 +13,8 @@ Megatron-core runs without TE on its local layer spec, but Bridge 0.6.2 does not
    MagicMock when TE is absent, so Bridge's own check says "TE present".
 3. Packed (THD) sequences: megatron-core's local ``DotProductAttention``
    rejects ``packed_seq_params`` (only TE's attention takes them).
-   ``PackedDotProductAttention`` runs the same local kernel once per packed
-   sequence; Bridge's provider installs it for ``attention_backend=local``.
+   ``PackedDotProductAttention`` runs causal attention once per packed
+   sequence (torch SDPA); Bridge's provider installs it for ``attention_backend=local``.
    Unpacked batches take the parent's code path unchanged.
 
 ``enable()`` does all three (before megatron.bridge is imported);
@@ -26,6 +26,7 @@ layer spec and attention. Importing this module changes nothing.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -124,6 +125,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder):
 
 
 def _packed_dot_product_attention_class():
+    from megatron.core import tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -133,9 +135,15 @@ def _packed_dot_product_attention_class():
         With ``packed_seq_params`` (qkv_format "thd"), query/key/value arrive as
         ``[t, heads, head_dim]`` for one row of ``t`` packed tokens; each
         sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` gets causal attention to
-        itself only, through the parent's own kernel, and the result is
-        ``[t, 1, heads * head_dim]`` as TE's THD attention returns it.
+        itself only, and the result is ``[t, 1, heads * head_dim]`` as TE's THD
+        attention returns it. Each sequence goes through torch's
+        ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU:
+        no ``s x s`` probabilities kept for backward), or, with ``use_sdpa = False``
+        or a setting SDPA cannot express (softmax offsets, sliding windows,
+        query-key layer scaling), through the parent's unfused kernel.
         """
+
+        use_sdpa = True
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
@@ -147,19 +155,41 @@ def _packed_dot_product_attention_class():
             bounds = cu_seqlens.tolist()
             if bounds[-1] < query.size(0):  # trailing padding: a sequence of its own
                 bounds.append(query.size(0))
+            spans = [(start, end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+            if self._sdpa_applies(attention_bias):
+                return self._sdpa(query, key, value, spans)
             outputs = [
                 super(PackedDotProductAttention, self).forward(
-                    query[start:end].unsqueeze(1),
-                    key[start:end].unsqueeze(1),
-                    value[start:end].unsqueeze(1),
-                    None,
-                    AttnMaskType.causal,
-                    attention_bias,
+                    query[start:end].unsqueeze(1), key[start:end].unsqueeze(1), value[start:end].unsqueeze(1),
+                    None, AttnMaskType.causal, attention_bias,
                 )
-                for start, end in zip(bounds[:-1], bounds[1:])
-                if end > start
+                for start, end in spans
             ]
             return torch.cat(outputs, dim=0)
+
+        def _sdpa_applies(self, attention_bias) -> bool:
+            config = self.config
+            return (self.use_sdpa and attention_bias is None and self.softmax_offset is None
+                    and not config.apply_query_key_layer_scaling and config.window_size is None)
+
+        def _sdpa(self, query, key, value, spans):
+            """Causal SDPA per sequence; ``[t, np|ng, hn]`` in, ``[t, 1, np * hn]`` out."""
+            groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if groups > 1:  # explicit, so every SDPA backend applies (enable_gqa narrows them)
+                key = key.repeat_interleave(groups, dim=1)
+                value = value.repeat_interleave(groups, dim=1)
+            dropout = self.attention_dropout.p if self.training else 0.0
+            outputs = []
+            forked = dropout and not self.config.sequence_parallel  # as the parent does
+            with tensor_parallel.get_cuda_rng_tracker().fork() if forked else contextlib.nullcontext():
+                for start, end in spans:
+                    # [s, np, hn] -> [1, np, s, hn]
+                    q, k, v = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+                    out = torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
+                    outputs.append(out[0].transpose(0, 1))  # [s, np, hn]
+            context = torch.cat(outputs, dim=0)
+            return context.reshape(context.size(0), 1, self.hidden_size_per_partition)
 
     return PackedDotProductAttention
 

@@ -74,3 +74,13 @@ def test_transformer_engine_on_a_cpu_host_is_a_clear_error(tmp_path):
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith("bridge_sft.cpu.TransformerEngineOnCPUError: Transformer Engine is installed")
     assert "pip uninstall" in last_line
+
+
+def test_packed_attention_sdpa_path_equals_the_local_unfused_kernel():
+    """THD packs without TE: torch SDPA per sequence == megatron-core's own kernel per sequence
+    (fp32, GQA, trailing padding); forward and q/k/v gradients, abs 1e-5. That each sequence sees only
+    itself is shown end to end by tests/test_data_training.py (packed == unpacked, and a crosstalk control)."""
+    out = run_python("packed_attention.py").stdout
+    f = json.loads(out.split("FACTS ", 1)[1].splitlines()[0])
+    assert f["shape"] == [40, 1, 64]
+    assert f["out_diff"] <= 1e-5 < f["out_scale"] and f["grad_diff"] <= 1e-5 < f["grad_scale"]
