@@ -35,9 +35,10 @@ benchmarks/README.md for the wheels to carry and the exact command):
 
 Without Transformer Engine (as on the lent GPU machines) the model runs megatron-core's
 local layers: THD packed attention through ``bridge_sft.no_te.PackedDotProductAttention``
-(one unfused local attention call per packed sequence), with core attention recomputed in
-the backward pass (``recompute_granularity=selective``; the s^2 attention probabilities of
-16 layers would not fit otherwise) and the TE/apex-only fusions (RoPE, masked softmax) off.
+(torch ``scaled_dot_product_attention`` per packed sequence; ``--packed-attention unfused``
+runs megatron-core's unfused kernel instead, with core attention recomputed in the backward
+pass, as the s^2 attention probabilities of 16 layers would not fit otherwise) and the
+TE/apex-only fusions (RoPE, masked softmax) off.
 Both steps run exactly that model, so the ratio is fair; the absolute MFU is that of the
 local layers, not of a TE build. The output says which it was.
 
@@ -180,7 +181,7 @@ def build_hf_model(out_dir: Path, sizes: dict, device: str) -> Path:
     return out_dir
 
 
-def environment() -> dict:
+def environment(packed_attention: str = "sdpa") -> dict:
     """What ran: host, torch, GPU, packages, and whether Transformer Engine is there."""
     import torch
 
@@ -198,7 +199,9 @@ def environment() -> dict:
         "cuda": cuda, "transformer_engine": te,
         "layers": "Transformer Engine" if te else (
             "megatron-core local layers (no Transformer Engine): THD packed attention through "
-            "bridge_sft.no_te.PackedDotProductAttention, one unfused local attention call per packed sequence"),
+            "bridge_sft.no_te.PackedDotProductAttention, "
+            + ("torch scaled_dot_product_attention per packed sequence" if packed_attention == "sdpa"
+               else "megatron-core's unfused local attention per packed sequence")),
         **{name: version(name) for name in ("megatron-core", "megatron-bridge", "transformers", "tokenizers")},
     }
 
@@ -217,12 +220,16 @@ def make_config(hf_dir: Path, data: Path, out_dir: Path, args, env: dict):
     config.checkpoint.load = None
     config.logger.tensorboard_dir = None
     if not env["transformer_engine"]:
-        # Local layers: fusions that need TE or apex kernels off; attention probabilities recomputed.
+        # Local layers: fusions that need TE or apex kernels off. The unfused attention keeps s^2
+        # probabilities per layer for backward (16 layers would not fit): recompute them.
         config.model.apply_rope_fusion = False
         config.model.masked_softmax_fusion = False
         config.model.persist_layer_norm = False
         config.model.gradient_accumulation_fusion = False
-        if not args.no_recompute:
+        recompute = args.recompute
+        if recompute == "auto":
+            recompute = "core_attn" if args.packed_attention == "unfused" else "none"
+        if recompute == "core_attn":
             config.model.recompute_granularity = "selective"
             config.model.recompute_modules = ["core_attn"]
     return config
@@ -261,7 +268,7 @@ def summarize(result: dict, args, env: dict, setup: dict) -> dict:
     return {
         "environment": env, "setup": setup,
         "settings": {k: getattr(args, k) for k in ("dry_run", "seq_length", "global_batch_size", "iters", "warmup",
-                                                     "budget_s", "no_recompute")},
+                                                     "budget_s", "recompute", "packed_attention")},
         "iterations_run": len(records),
         "per_step": per_step,
         "ratios": {
@@ -343,7 +350,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, help="untimed first iterations (default 8; dry run 2)")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="stop training after a complete pair once this many seconds of training passed")
-    parser.add_argument("--no-recompute", action="store_true", help="keep attention activations (needs more memory)")
+    parser.add_argument("--packed-attention", choices=("sdpa", "unfused"), default="sdpa",
+                        help="without TE: torch SDPA (default) or megatron-core's unfused kernel per packed sequence")
+    parser.add_argument("--recompute", choices=("auto", "none", "core_attn"), default="auto",
+                        help="recompute core attention in backward (auto: only for the unfused attention)")
     parser.add_argument("--out", help="result folder (default $OUT, else outputs/bench/gpu_check)")
     parser.add_argument("--work-dir", help="model, data and run folder (default: a folder under /tmp)")
     parser.add_argument("--wheel-commands", action="store_true",
@@ -369,7 +379,11 @@ def main(argv: list[str] | None = None) -> dict:
     from bridge_sft import cpu
 
     cpu.maybe_enable(device)  # before megatron.bridge (CPU runtime, or the no-TE runtime on a GPU without TE)
-    env = environment()
+    env = environment(args.packed_attention)
+    if not env["transformer_engine"]:
+        from megatron.bridge.models import gpt_provider
+
+        gpt_provider.MCoreDotProductAttention.use_sdpa = args.packed_attention == "sdpa"
     log(json.dumps({k: v for k, v in env.items() if k != "layers"}))
     log(f"layers: {env['layers']}")
 
