@@ -219,19 +219,15 @@ def make_config(hf_dir: Path, data: Path, out_dir: Path, args, env: dict):
     config.checkpoint.save = None
     config.checkpoint.load = None
     config.logger.tensorboard_dir = None
-    if not env["transformer_engine"]:
-        # Local layers: fusions that need TE or apex kernels off. The unfused attention keeps s^2
-        # probabilities per layer for backward (16 layers would not fit): recompute them.
-        config.model.apply_rope_fusion = False
-        config.model.masked_softmax_fusion = False
-        config.model.persist_layer_norm = False
-        config.model.gradient_accumulation_fusion = False
-        recompute = args.recompute
-        if recompute == "auto":
-            recompute = "core_attn" if args.packed_attention == "unfused" else "none"
-        if recompute == "core_attn":
-            config.model.recompute_granularity = "selective"
-            config.model.recompute_modules = ["core_attn"]
+    # Without TE, train.run switches to local layers (no_te.configure_model: TE/apex fusions off).
+    # The unfused local attention keeps s^2 probabilities per layer for backward (16 layers would
+    # not fit): recompute them.
+    recompute = args.recompute
+    if recompute == "auto":
+        recompute = "core_attn" if not env["transformer_engine"] and args.packed_attention == "unfused" else "none"
+    if recompute == "core_attn":
+        config.model.recompute_granularity = "selective"
+        config.model.recompute_modules = ["core_attn"]
     return config
 
 
