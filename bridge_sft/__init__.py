@@ -1,10 +1,13 @@
 """bridge-sft: supervised fine-tuning of Hugging Face LLMs on Megatron-Bridge.
 
-Importing this package is inert: it imports neither torch nor megatron and
-patches nothing. Megatron is imported, and on a machine without CUDA the CPU
-runtime (``bridge_sft.cpu``) switched on, by the modules that need it
-(``bridge_sft.train``, ``bridge_sft.step``, ``bridge_sft.recipes``,
-``bridge_sft.conversion``, ``bridge_sft.data.provider``).
+Importing this package imports neither torch nor megatron and patches nothing. It
+installs one import gate (``bridge_sft.runtime``): when megatron is first imported
+in the process, the runtime this host needs (CPU, or a GPU without Transformer
+Engine) is switched on first; on a GPU with Transformer Engine it does nothing.
 """
 
+from bridge_sft.runtime import install_import_gate
+
 __version__ = "0.1.0"
+
+install_import_gate()

@@ -18,13 +18,9 @@ import time
 
 import torch
 
-from bridge_sft import cpu
-
-cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
-
-from megatron.bridge.training.callbacks import Callback  # noqa: E402
-from megatron.bridge.training.state import GlobalState  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.state import GlobalState
+from megatron.core import parallel_state
 
 _COUNTS = "_bridge_sft_token_counts"
 

@@ -25,34 +25,27 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from bridge_sft import cpu, no_te
+from bridge_sft import runtime
 
-cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
-
-import torch  # noqa: E402
-from megatron.bridge import AutoBridge  # noqa: E402
-from megatron.bridge.training.model_load_save import temporary_distributed_context  # noqa: E402
-from megatron.bridge.training.utils.checkpoint_utils import read_run_config  # noqa: E402
+import torch
+from megatron.bridge import AutoBridge
+from megatron.bridge.training.model_load_save import temporary_distributed_context
+from megatron.bridge.training.utils.checkpoint_utils import read_run_config
 
 logger = logging.getLogger(__name__)
 
 
 def _backend() -> str:
-    return "gloo" if cpu.is_enabled() or not torch.cuda.is_available() else "nccl"
+    return "gloo" if runtime.is_enabled() or not torch.cuda.is_available() else "nccl"
 
 
-def _configure(provider) -> None:
-    if cpu.is_enabled():
-        cpu.configure_model(provider)
-    elif no_te.is_enabled():
-        no_te.configure_model(provider)
 
 
 def import_hf(hf_dir: str | Path, megatron_dir: str | Path) -> Path:
     """Convert the HF checkpoint at ``hf_dir`` into a Megatron checkpoint in ``megatron_dir``."""
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
     provider = bridge.to_megatron_provider(load_weights=True)
-    _configure(provider)
+    runtime.configure_model(provider)
     with temporary_distributed_context(backend=_backend()):
         provider.finalize()
         model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
@@ -99,7 +92,7 @@ def _export_merged_lora(bridge, iteration_dir: Path, peft_config: dict, hf_dir, 
     lora_fields = {"target_modules", "exclude_modules", "dim", "alpha", "dropout", "dropout_position"}
     lora = LoRA(**{k: v for k, v in peft_config.items() if k in lora_fields})
     provider = bridge.to_megatron_provider(load_weights=True)
-    _configure(provider)
+    runtime.configure_model(provider)
     provider.params_dtype = provider.pipeline_dtype = torch.float32
     provider.bf16 = provider.fp16 = False
     provider.finalize()

@@ -26,20 +26,16 @@ from typing import Any, Iterator
 
 import torch
 
-from bridge_sft import cpu
+from megatron.bridge.training.gpt_step import get_batch
+from megatron.bridge.training.losses import create_masked_next_token_loss_function
+from megatron.bridge.training.state import GlobalState
+from megatron.bridge.training.utils.flop_utils import accumulate_flops_metadata, get_model_chunk_vp_stage
+from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params
+from megatron.bridge.training.utils.pg_utils import get_pg_collection
+from megatron.core.utils import get_model_config
 
-cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
-
-from megatron.bridge.training.gpt_step import get_batch  # noqa: E402
-from megatron.bridge.training.losses import create_masked_next_token_loss_function  # noqa: E402
-from megatron.bridge.training.state import GlobalState  # noqa: E402
-from megatron.bridge.training.utils.flop_utils import accumulate_flops_metadata, get_model_chunk_vp_stage  # noqa: E402
-from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_params  # noqa: E402
-from megatron.bridge.training.utils.pg_utils import get_pg_collection  # noqa: E402
-from megatron.core.utils import get_model_config  # noqa: E402
-
-from bridge_sft.batch import normalize_batch  # noqa: E402
-from bridge_sft.callbacks import count_tokens  # noqa: E402
+from bridge_sft.batch import normalize_batch
+from bridge_sft.callbacks import count_tokens
 
 
 class DataExhaustedError(RuntimeError):

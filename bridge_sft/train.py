@@ -13,16 +13,12 @@ import os
 import socket
 import warnings
 
-from bridge_sft import cpu
+from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.finetune import finetune
 
-cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
-
-from megatron.bridge.training.config import ConfigContainer  # noqa: E402
-from megatron.bridge.training.finetune import finetune  # noqa: E402
-
-from bridge_sft import bridge_fixes, no_te  # noqa: E402
-from bridge_sft.step import forward_step  # noqa: E402
-from bridge_sft.callbacks import TokenThroughput  # noqa: E402
+from bridge_sft import bridge_fixes, runtime
+from bridge_sft.step import forward_step
+from bridge_sft.callbacks import TokenThroughput
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +75,15 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
 
     ``device``: ``"auto"`` (CPU runtime when torch sees no GPU), ``"cpu"`` or ``"cuda"``.
     On the CPU runtime the model and distributed settings are switched to their
-    CPU forms (``bridge_sft.cpu.configure``); on a GPU without Transformer Engine
-    the model uses megatron-core's local layers (``bridge_sft.no_te``).
+    CPU forms, and on a GPU without Transformer Engine TE's kernels are turned off
+    (``bridge_sft.runtime.configure``).
     ``callbacks``: Bridge ``Callback``s, run after our ``TokenThroughput``
     (supervised and slot tokens/s in the log).
     ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
     Returns the run's token totals: supervised tokens, slot tokens, seconds, steps.
     """
-    if cpu.maybe_enable(device):
-        cpu.configure(config)
-    elif no_te.is_enabled():  # a GPU host without Transformer Engine
-        no_te.configure_model(config.model)
+    runtime.maybe_enable(device)
+    runtime.configure(config)
     _single_process_rendezvous()
     bridge_fixes.apply()
     check_config(config)

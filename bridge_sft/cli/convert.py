@@ -35,14 +35,14 @@ def add_parser(subparsers) -> None:
 
 
 def main(args) -> int:
-    from bridge_sft import cpu
+    from bridge_sft import runtime
 
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; give a new output directory.")
     try:
-        cpu.maybe_enable(args.device)
-    except (cpu.TransformerEngineOnCPUError, RuntimeError) as exc:
+        runtime.maybe_enable(args.device)
+    except (runtime.TransformerEngineOnCPUError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     from bridge_sft.recipes.resolve import ConfigError, check_hf_checkpoint
 

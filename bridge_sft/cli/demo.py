@@ -68,9 +68,9 @@ def main(args) -> int:
     print("   " + rendered.replace("\n", "\n   "))
 
     say("3/5", f"fine-tuning for {args.steps} iterations under Megatron-Bridge's finetune()")
-    from bridge_sft import cpu
+    from bridge_sft import runtime
 
-    cpu.maybe_enable(args.device)
+    runtime.maybe_enable(args.device)
     from bridge_sft.callbacks import LossHistory
     from bridge_sft.recipes import tiny
     from bridge_sft.train import run

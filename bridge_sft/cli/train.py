@@ -46,11 +46,11 @@ def _rank() -> int:
 
 
 def main(args) -> int:
-    from bridge_sft import cpu
+    from bridge_sft import runtime
 
     try:
-        cpu.maybe_enable(args.device)
-    except (cpu.TransformerEngineOnCPUError, RuntimeError) as exc:
+        runtime.maybe_enable(args.device)
+    except (runtime.TransformerEngineOnCPUError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     from bridge_sft.recipes.resolve import ConfigError, build_config
     from bridge_sft.train import check_config, run

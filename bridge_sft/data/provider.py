@@ -17,17 +17,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bridge_sft import cpu
+import numpy as np
+from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 
-cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
-
-import numpy as np  # noqa: E402
-from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider  # noqa: E402
-
-from bridge_sft.data.cache import EncodeOptions, PreparedData, format_summary, prepare  # noqa: E402
-from bridge_sft.data.datasets import PackedSFTDataset, SFTDataset, packed_real_tokens, plan_packs  # noqa: E402
-from bridge_sft.data.formats import DataError  # noqa: E402
-from bridge_sft.data.packing import packing_efficiency  # noqa: E402
+from bridge_sft.data.cache import EncodeOptions, PreparedData, format_summary, prepare
+from bridge_sft.data.datasets import PackedSFTDataset, SFTDataset, packed_real_tokens, plan_packs
+from bridge_sft.data.formats import DataError
+from bridge_sft.data.packing import packing_efficiency
 
 logger = logging.getLogger(__name__)
 

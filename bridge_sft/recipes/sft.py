@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import os
 
-from bridge_sft import cpu
-
-cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imported unpatched
-
-import torch  # noqa: E402
-from megatron.bridge import AutoBridge  # noqa: E402
-from megatron.bridge.peft.lora import LoRA  # noqa: E402
-from megatron.bridge.training.config import (  # noqa: E402
+import torch
+from megatron.bridge import AutoBridge
+from megatron.bridge.peft.lora import LoRA
+from megatron.bridge.training.config import (
     CheckpointConfig,
     ConfigContainer,
     DistributedInitConfig,
@@ -35,10 +31,10 @@ from megatron.bridge.training.config import (  # noqa: E402
     TrainingConfig,
     ValidationConfig,
 )
-from megatron.bridge.data.base import DatasetProvider  # noqa: E402
-from megatron.core.distributed import DistributedDataParallelConfig  # noqa: E402
+from megatron.bridge.data.base import DatasetProvider
+from megatron.core.distributed import DistributedDataParallelConfig
 
-from bridge_sft.train import use_per_token_loss  # noqa: E402
+from bridge_sft.train import use_per_token_loss
 
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp32")
 
