@@ -1,7 +1,8 @@
 """Fixes for Megatron-Bridge 0.6.2 / megatron-core 0.19.2 bugs that hit every host, GPU or CPU.
 
-Applied by our training entry points (``bridge_sft.train.run``) before Bridge's
-``finetune()``; each fix is idempotent and only acts when the bug is present.
+Applied by our entry points (``bridge_sft.train.run``, ``bridge_sft.models.megatron_provider``,
+``bridge_sft.conversion``) before a model is built; each fix is idempotent and only acts when
+the bug is present.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 def apply() -> None:
     """Apply every fix below (idempotent)."""
     _skip_compile_helpers_when_prebuilt()
+    _post_layernorm_epsilon()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -30,3 +32,24 @@ def _skip_compile_helpers_when_prebuilt() -> None:
 
 def _compile_helpers_prebuilt() -> None:
     """Stand-in for ``compile_helpers``: the wheel's prebuilt ``helpers_cpp`` is used as is."""
+
+
+def _post_layernorm_epsilon() -> None:
+    """Bridge's ``TERowParallelLinearLayerNorm`` (the norm after the attention output projection
+    and after the MLP in Gemma 2, Gemma 3 and EXAONE 4) builds ``TENorm(config, output_size)``
+    without an epsilon, so it normalises with TENorm's default 1e-5 instead of the model's
+    ``layernorm_epsilon`` (1e-6 for Gemma). Rebuild that norm with the model's epsilon."""
+    from megatron.bridge.models.common import te_layers
+
+    cls = te_layers.TERowParallelLinearLayerNorm
+    if getattr(cls, "_bridge_sft_fixed_eps", False):
+        return
+    bridge_init = cls.__init__
+
+    def __init__(self, input_size, output_size, *, config, **kwargs):
+        bridge_init(self, input_size, output_size, config=config, **kwargs)
+        if getattr(self.post_layernorm, "eps", config.layernorm_epsilon) != config.layernorm_epsilon:
+            self.post_layernorm = te_layers.TENorm(config, output_size, eps=config.layernorm_epsilon)
+
+    cls.__init__ = __init__
+    cls._bridge_sft_fixed_eps = True

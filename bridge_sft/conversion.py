@@ -1,23 +1,21 @@
 """HF <-> Megatron checkpoint conversion through Bridge's ``AutoBridge``.
 
 - ``import_hf(hf_dir, megatron_dir)``: HF weights -> a Megatron ``torch_dist``
-  checkpoint (weights only). Bridge's ``AutoBridge.import_ckpt`` always builds
-  the Transformer-Engine layer spec, which cannot run without CUDA, so we build
-  the provider ourselves and, on the CPU runtime, switch it to the local spec
-  before instantiating the model.
+  checkpoint (weights only). The provider comes from ``bridge_sft.models.megatron_provider``
+  (the checks and adaptations training uses) with this host's runtime settings
+  (``bridge_sft.runtime``), rather than from Bridge's ``import_ckpt``.
 - ``export_hf(megatron_dir, hf_dir, hf_config_dir)``: a Megatron checkpoint (from
   ``import_hf`` or saved by training; the latest ``iter_*`` is used) -> HF
   directory, through ``AutoBridge.export_ckpt``, which runs single-process over
   gloo. A LoRA training checkpoint is exported MERGED: Bridge's own
-  ``export_adapter_ckpt`` writes only the adapter and builds the TE layer spec, so
-  we rebuild the base model from HF (local spec on the CPU), apply the run's LoRA,
-  load the adapter weights from the checkpoint and let ``save_hf_pretrained``
-  merge them into the base weights (in fp32).
+  ``export_adapter_ckpt`` writes only the adapter, so we rebuild the base model
+  from HF, apply the run's LoRA, load the adapter weights from the checkpoint and
+  let ``save_hf_pretrained`` merge them into the base weights (in fp32).
 
 Training does not need ``import_hf``: ``checkpoint.pretrained_checkpoint`` may
-point at an HF directory directly. Note that a Megatron checkpoint saved on the
-CPU (local layer spec) has different parameter names from a GPU (TE spec) one:
-use HF as the exchange format between the two.
+point at an HF directory directly. The CPU and a GPU without Transformer Engine
+build megatron-core's TE layer spec (``bridge_sft.runtime.te_torch``), so their
+checkpoints have the parameter names and shapes of a TE GPU's.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import logging
 from pathlib import Path
 
 from bridge_sft import runtime
+from bridge_sft.models import megatron_provider
 
 import torch
 from megatron.bridge import AutoBridge
@@ -44,7 +43,7 @@ def _backend() -> str:
 def import_hf(hf_dir: str | Path, megatron_dir: str | Path) -> Path:
     """Convert the HF checkpoint at ``hf_dir`` into a Megatron checkpoint in ``megatron_dir``."""
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
-    provider = bridge.to_megatron_provider(load_weights=True)
+    provider = megatron_provider(bridge, load_weights=True)
     runtime.configure_model(provider)
     with temporary_distributed_context(backend=_backend()):
         provider.finalize()
@@ -91,7 +90,7 @@ def _export_merged_lora(bridge, iteration_dir: Path, peft_config: dict, hf_dir, 
 
     lora_fields = {"target_modules", "exclude_modules", "dim", "alpha", "dropout", "dropout_position"}
     lora = LoRA(**{k: v for k, v in peft_config.items() if k in lora_fields})
-    provider = bridge.to_megatron_provider(load_weights=True)
+    provider = megatron_provider(bridge, load_weights=True)
     runtime.configure_model(provider)
     provider.params_dtype = provider.pipeline_dtype = torch.float32
     provider.bf16 = provider.fp16 = False

@@ -248,13 +248,17 @@ def _nemotron(s):
 
 
 def _gpt_oss(s):
-    return {**_dense(s), "intermediate_size": s.moe_intermediate_size, "rms_norm_eps": 1e-5,
+    """Expert width equal to the hidden size, as in gpt-oss-20b/120b (Bridge reads the square
+    down_proj in the layout transformers writes)."""
+    return {**_dense(s), "intermediate_size": s.hidden_size, "rms_norm_eps": 1e-5,
             "head_dim": s.hidden_size // s.num_attention_heads, "num_local_experts": s.num_experts,
             "num_experts_per_tok": 2, "sliding_window": SLIDING_WINDOW, "layer_types": _alternating_windows(s)}
 
 
 def _olmoe(s):
-    return {**_dense(s), "intermediate_size": s.moe_intermediate_size, "rms_norm_eps": 1e-5,
+    """Multi-head attention (no GQA) with full-width q/k norms, as OLMoE-1B-7B."""
+    return {**_dense(s), "num_key_value_heads": s.num_attention_heads, "intermediate_size": s.moe_intermediate_size,
+            "rms_norm_eps": 1e-5,
             "num_experts": s.num_experts, "num_experts_per_tok": 2}
 
 

@@ -17,6 +17,7 @@ from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.finetune import finetune
 
 from bridge_sft import bridge_fixes, runtime
+from bridge_sft.models import check_model
 from bridge_sft.step import forward_step
 from bridge_sft.callbacks import TokenThroughput
 
@@ -61,6 +62,7 @@ def check_config(config: ConfigContainer) -> None:
             "holds seq_length tokens of several samples. Set train.micro_batch_size=1 (raise "
             "train.global_batch_size instead), or packing=false."
         )
+    check_model(config)
     data_seq_length = getattr(config.dataset, "seq_length", None)
     if data_seq_length is not None and data_seq_length != config.model.seq_length:
         raise ValueError(

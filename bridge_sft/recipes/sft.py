@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 import torch
-from megatron.bridge import AutoBridge
 from megatron.bridge.peft.lora import LoRA
 from megatron.bridge.training.config import (
     CheckpointConfig,
@@ -34,6 +33,7 @@ from megatron.bridge.training.config import (
 from megatron.bridge.data.base import DatasetProvider
 from megatron.core.distributed import DistributedDataParallelConfig
 
+from bridge_sft.models import megatron_provider
 from bridge_sft.train import use_per_token_loss
 
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp32")
@@ -93,7 +93,7 @@ def sft(
     if (data is None) == (dataset is None):
         raise ValueError("give exactly one of data= (files for SFTDatasetProvider) or dataset= (a provider)")
 
-    model = AutoBridge.from_hf_pretrained(hf_path).to_megatron_provider(load_weights=False)
+    model = megatron_provider(hf_path)
     model.seq_length = seq_length
     model.tensor_model_parallel_size = tensor_parallel
     model.pipeline_model_parallel_size = pipeline_parallel

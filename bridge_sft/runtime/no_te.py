@@ -13,9 +13,8 @@ module tree (names, shapes, parallelism) is the one a TE GPU builds:
    served as an inert placeholder to the one Bridge module that imports it
    unguarded (``training/pretrain.py``).
 2. ``configure_model(provider)`` turns off what needs real TE (or apex) kernels:
-   fused RoPE/softmax/cross-entropy/permutation/router, TE's grouped GEMM for
-   experts (``SequentialMLP`` instead: the same weights, Bridge maps both), fused
-   weight-gradient accumulation.
+   fused RoPE/softmax/cross-entropy/permutation/router, fused weight-gradient
+   accumulation.
 
 ``serve_missing_imports()`` does 1. for whichever of the two packages is
 not installed (before megatron is imported). Importing this module changes nothing.
@@ -193,7 +192,6 @@ TE_KERNEL_SETTINGS = (
     "gradient_accumulation_fusion",  # TE/apex fused weight-gradient accumulation
     "moe_permute_fusion",  # TE's fused token permutation
     "moe_router_fusion",  # TE's fused router top-k
-    "moe_grouped_gemm",  # TE's GroupedLinear: SequentialMLP computes the same experts
     "fused_residual_rmsnorm",  # TE ops fuser
     "use_te_rng_tracker",
     "tp_comm_overlap",  # TE userbuffers

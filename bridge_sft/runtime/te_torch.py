@@ -245,6 +245,60 @@ class LayerNormLinear(Linear):
         return out
 
 
+class GroupedLinear(torch.nn.Module):
+    """``te.pytorch.GroupedLinear``: ``num_gemms`` linears (``weight0..``, ``bias0..``) over
+    consecutive row blocks of the input (``m_splits`` rows each), as MoE experts use them.
+
+    megatron calls it with ``parallel_mode=None`` whenever experts are split over
+    ranks (the token dispatcher communicates), so only that mode is implemented.
+    ``return_bias=True`` returns ``(y_without_bias, [b_0, b_1, ...])``.
+    """
+
+    def __init__(self, num_gemms: int, in_features: int, out_features: int, sequence_parallel: bool = False,
+                 fuse_wgrad_accumulation: bool = False, tp_group=None, tp_size: int = 1,
+                 get_rng_state_tracker: Callable | None = None, rng_tracker_name: str | None = None,
+                 init_method: Callable | None = None, bias: bool = True, return_bias: bool = False,
+                 params_dtype: torch.dtype | None = None, parallel_mode: str | None = None, device="cuda",
+                 **unused: Any):
+        super().__init__()
+        if parallel_mode is not None and tp_size > 1:
+            raise NotImplementedError("GroupedLinear with TE-side tensor parallelism needs Transformer Engine")
+        self.num_gemms, self.in_features, self.out_features = num_gemms, in_features, out_features
+        self.use_bias, self.return_bias = bias, return_bias
+        self.parallel_mode = parallel_mode
+        # TE's fp8 bookkeeping that megatron's checkpoint hooks read: no fp8 here.
+        self.fp8 = self.fp8_calibration = False
+        self.fp8_meta = {"fp8_checkpoint": False, "recipe": None}
+        dtype = params_dtype or torch.get_default_dtype()
+        for i in range(num_gemms):
+            weight = Parameter(torch.empty(out_features, in_features, dtype=dtype, device=_device(device)))
+            _init_weight(weight, init_method, get_rng_state_tracker, rng_tracker_name)
+            self.register_parameter(f"weight{i}", weight)
+            self.register_parameter(f"bias{i}", Parameter(torch.zeros(out_features, dtype=dtype,
+                                                                       device=_device(device))) if bias else None)
+
+    def init_fp8_metadata(self, num_gemms: int = 1) -> None:
+        pass
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8)  # TE's encoding of "no fp8 state"
+
+    def set_extra_state(self, state: Any) -> None:
+        pass
+
+    def forward(self, inp: torch.Tensor, m_splits, is_first_microbatch: bool | None = None, **unused: Any):
+        splits = m_splits.tolist() if isinstance(m_splits, torch.Tensor) else list(m_splits)
+        weights = [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
+        biases = [getattr(self, f"bias{i}") for i in range(self.num_gemms)]
+        add_bias = self.use_bias and not self.return_bias
+        parts = [F.linear(x, w, b if add_bias else None)
+                 for x, w, b in zip(torch.split(inp, splits), weights, biases)]
+        out = torch.cat(parts) if parts else inp.new_zeros(0, self.out_features)
+        if self.return_bias:
+            return out, biases if self.use_bias else None
+        return out
+
+
 # ---------------------------------------------------------------------------
 # Attention.
 
@@ -409,7 +463,7 @@ PROVIDES = {
     "transformer_engine": {"__version__": __version__},
     "transformer_engine.pytorch": {
         "Linear": Linear, "LayerNormLinear": LayerNormLinear, "LayerNorm": LayerNorm, "RMSNorm": RMSNorm,
-        "DotProductAttention": DotProductAttention, "autocast": autocast,
+        "DotProductAttention": DotProductAttention, "GroupedLinear": GroupedLinear, "autocast": autocast,
         "quantized_model_init": quantized_model_init, "fp8_autocast": fp8_autocast,
         "fp8_model_init": fp8_model_init,
     },

@@ -1,6 +1,7 @@
-"""Driver: report (as JSON on stdout) what the CPU runtime does and does not change.
+"""Driver: report (as JSON on stdout) what bridge_sft's runtime does and does not change.
 
-``cpu_runtime_facts.py inert``: state after ``import bridge_sft`` / ``bridge_sft.cpu``, then after ``enable()``.
+``cpu_runtime_facts.py inert``: state after ``import bridge_sft`` / ``bridge_sft.runtime``, then after
+the first ``import megatron.core`` (the import gate switches the CPU runtime on, this host has no GPU).
 ``cpu_runtime_facts.py gpu``: ``maybe_enable("auto")`` on a host whose torch reports a GPU
 (torch.cuda.is_available is replaced by ``lambda: True``: no GPU exists on the test machine);
 run it with stand-in ``transformer_engine``/``nvidia_resiliency_ext`` packages on PYTHONPATH
@@ -29,13 +30,15 @@ def snapshot():
 def inert():
     before = snapshot()  # imports torch only
     import bridge_sft  # noqa: F401
-    import bridge_sft.cpu as cpu
+    import bridge_sft.runtime as runtime
 
     after_import = snapshot()
-    cpu.enable()
-    after_enable = snapshot()
-    return {"before": before, "after_import": after_import, "after_enable": after_enable,
-            "enabled": cpu.is_enabled()}
+    mode_before_megatron = runtime.mode()
+    import megatron.core  # noqa: F401  (the gate decides the runtime here)
+
+    after_megatron = snapshot()
+    return {"before": before, "after_import": after_import, "after_megatron": after_megatron,
+            "mode_before_megatron": mode_before_megatron, "mode": runtime.mode(), "enabled": runtime.is_enabled()}
 
 
 def gpu():
@@ -43,13 +46,13 @@ def gpu():
 
     torch.cuda.is_available = lambda: True
     before = snapshot()
-    import bridge_sft.cpu as cpu
+    from bridge_sft import runtime
 
-    from bridge_sft import no_te
-
-    active = cpu.maybe_enable("auto")
+    active = runtime.maybe_enable("auto")
     after = snapshot()
-    return {"active": active, "unchanged": after == before, "no_te": no_te.is_enabled(),
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    return {"active": active, "mode": runtime.mode(), "mcore_have_te": mcore_te.HAVE_TE,
             "cuda_untouched": after["cuda_functions"] == before["cuda_functions"]
             and after["function_modes"] == before["function_modes"]}
 
@@ -57,15 +60,15 @@ def gpu():
 def enabled():
     import torch
 
-    import bridge_sft.cpu as cpu
-    from bridge_sft import no_te
+    from bridge_sft import runtime
+    from bridge_sft.runtime import te_torch
 
-    cpu.enable()
+    runtime.enable()
     import megatron.bridge  # noqa: F401  (imports lora_layers and, through training, pretrain)
     import megatron.bridge.training.pretrain  # noqa: F401
     from megatron.bridge.peft import lora_layers
-    from megatron.bridge.peft import utils as peft_utils
     from megatron.core.extensions import transformer_engine as mcore_te
+    from megatron.core.transformer import mlp as mcore_mlp
 
     try:
         import transformer_engine  # noqa: F401
@@ -86,10 +89,12 @@ def enabled():
         "elapsed_ms_nonnegative": start.elapsed_time(end) >= 0,
         "te_importable": te_importable,
         "te_in_sys_modules": "transformer_engine" in sys.modules,
-        "mcore_have_te": mcore_te.HAVE_TE,
-        "peft_have_te": peft_utils.HAVE_TE,
-        "lora_te_is_standin": isinstance(lora_layers.te, no_te._Missing),
         "te_spec_found": importlib.util.find_spec("transformer_engine") is not None,
+        "mcore_have_te": mcore_te.HAVE_TE,
+        "te_linear_is_torch": issubclass(mcore_te.TELayerNormColumnParallelLinear, te_torch.LayerNormLinear),
+        "lora_te_is_standin": lora_layers.te.Linear is te_torch.Linear,
+        "unserved_module_have_te": mcore_mlp.HAVE_TE,  # imports transformer_engine itself: not served
+        "unprovided_import_fails": mcore_te.fused_permute is None,  # TE's fused permutation is not provided
     }
 
 

@@ -1,0 +1,140 @@
+"""HF checkpoint -> Megatron model provider, with what bridge-sft adds to Bridge's model bridges.
+
+``megatron_provider(hf_path)`` is ``AutoBridge.from_hf_pretrained(hf_path).to_megatron_provider()``
+plus two kinds of additions, each for a documented gap in Megatron-Bridge 0.6.2:
+
+- the provider is made to follow the HF config where Bridge's bridge ignores part
+  of it (Gemma 3's pattern of sliding-window and global layers comes from its
+  ``layer_types`` instead of Bridge's fixed 5:1);
+- model families whose Bridge layers cannot take packed (THD) sequences get a
+  core attention that can (Gemma 2: soft-capped attention, run per sequence).
+
+``check_model(config)`` rejects, at config time and in one line, what the model or
+this host cannot build: features that need Transformer Engine where it is missing,
+and HF configs Bridge's bridge would convert wrongly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from megatron.bridge import AutoBridge
+
+from bridge_sft import bridge_fixes
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The HF model, or one of its features, cannot be trained here (the message says why and what to do)."""
+
+
+def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
+    """The Megatron ``GPTModelProvider`` for the HF checkpoint at ``hf_path`` (a path, hub id or an
+    ``AutoBridge`` of one; weights loaded at build time when ``load_weights``), checked and adapted
+    as the module docstring says."""
+    bridge_fixes.apply()
+    bridge = hf_path if isinstance(hf_path, AutoBridge) else AutoBridge.from_hf_pretrained(hf_path)
+    hf_config = bridge.hf_pretrained.config
+    _check_hf_config(getattr(hf_config, "_name_or_path", "") or str(hf_path), hf_config)
+    provider = bridge.to_megatron_provider(load_weights=load_weights)
+    _follow_gemma3_layer_types(provider, hf_config)
+    _packed_attention_for_gemma2(provider)
+    return provider
+
+
+def _check_hf_config(hf_path: str, hf_config) -> None:
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
+        # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
+        raise UnsupportedModelError(
+            f"{hf_path}: OLMoE with grouped-query attention (num_key_value_heads={hf_config.num_key_value_heads} "
+            f"< num_attention_heads={hf_config.num_attention_heads}) is not supported by Megatron-Bridge 0.6.2's "
+            "OLMoE bridge (it assumes one key/value head per query head, as OLMoE-1B-7B has)."
+        )
+
+
+def _follow_gemma3_layer_types(provider, hf_config) -> None:
+    """Bridge's Gemma 3 provider alternates sliding-window and global layers in a fixed 5:1 pattern
+    (``interleaved_attn_pattern``) and ignores the checkpoint's ``layer_types``; set the pattern from
+    them (the published models follow 5:1, so nothing changes for them) or refuse a non-periodic one."""
+    from megatron.bridge.models.gemma.gemma3_provider import Gemma3ModelProvider
+
+    layer_types = getattr(hf_config, "layer_types", None)
+    if not isinstance(provider, Gemma3ModelProvider) or not layer_types:
+        return
+    local = [kind == "sliding_attention" for kind in layer_types]
+    period = local.index(False) + 1 if False in local else None
+    if period is None:  # no global layer within the model: any period longer than it
+        provider.interleaved_attn_pattern = (len(local), 1)
+        return
+    pattern = (period - 1, 1)
+    if any(local[i] != ((i + 1) % period != 0) for i in range(len(local))):
+        raise UnsupportedModelError(
+            f"Gemma 3 layer_types {layer_types} are not a repeating pattern of sliding-window layers followed "
+            "by one global layer, the only layout Megatron-Bridge 0.6.2's Gemma 3 model can build."
+        )
+    if tuple(provider.interleaved_attn_pattern) != pattern:
+        logger.info("Gemma 3: %d sliding-window layer(s) per global layer, as the checkpoint's layer_types say",
+                    pattern[0])
+        provider.interleaved_attn_pattern = pattern
+
+
+def _packed_attention_for_gemma2(provider) -> None:
+    from megatron.bridge.models.gemma.gemma2_provider import Gemma2ModelProvider, gemma2_layer_spec
+
+    if not isinstance(provider, Gemma2ModelProvider) or provider.transformer_layer_spec is not gemma2_layer_spec:
+        return
+
+    def gemma2_packed_layer_spec(config):
+        spec = gemma2_layer_spec(config)
+        spec.submodules.self_attention.submodules.core_attention = _packed_gemma2_attention_class()
+        return spec
+
+    provider.transformer_layer_spec = gemma2_packed_layer_spec
+
+
+def _packed_gemma2_attention_class():
+    from megatron.bridge.models.gemma.gemma2_provider import Gemma2DotProductAttention, Gemma2FlexDotProductAttention
+
+    class PackedGemma2Attention(Gemma2FlexDotProductAttention):
+        """Bridge's Gemma 2 attention (soft-capped logits, sliding windows), which rejects packed
+        sequences, run once per sequence of a THD pack (``[t, heads, dim]`` in,
+        ``[t, 1, heads * dim]`` out) on its unfused kernel; unpacked batches unchanged."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **kwargs):
+            if packed_seq_params is None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
+            bounds = packed_seq_params.cu_seqlens_q_padded
+            bounds = (bounds if bounds is not None else packed_seq_params.cu_seqlens_q).tolist()
+            if bounds[-1] < query.size(0):  # trailing padding: a sequence of its own
+                bounds.append(query.size(0))
+            outputs = [
+                Gemma2DotProductAttention.forward(self, *(x[a:b].unsqueeze(1) for x in (query, key, value)), None,
+                                                  attn_mask_type=attn_mask_type)
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+            ]
+            return torch.cat(outputs, dim=0)
+
+    return PackedGemma2Attention
+
+
+def check_model(config) -> None:
+    """Reject model settings this host cannot run (one line each, naming the setting and the fix)."""
+    from bridge_sft import runtime
+
+    model = config.model
+    if runtime.mode() in ("cpu", "no_te"):
+        where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"
+        needs_te = {
+            "context_parallel_size": model.context_parallel_size > 1,
+            "fp8": bool(getattr(model, "fp8", None)),
+            "fp4": bool(getattr(model, "fp4", None)),
+        }
+        for key, wanted in needs_te.items():
+            if wanted:
+                raise UnsupportedModelError(
+                    f"model.{key}={getattr(model, key)} needs Transformer Engine, which is not available on {where}: "
+                    "run on a GPU host with TE, or turn it off."
+                )
