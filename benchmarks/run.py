@@ -16,6 +16,7 @@ never two training processes at a time. What the default run does:
 | packing efficiency | ``benchmarks/packing_efficiency.py`` | ``quick``: bundled dialogs |
 | useful-token efficiency | ``benchmarks/token_efficiency.py`` | full: bundled + full ChatterBot, and long versions |
 | step overhead | ``benchmarks/step_overhead.py`` | 2 processes x 48 interleaved iterations |
+| model families | ``benchmarks/families.py`` | ``quick``: 4 rotating rounds over every tiny family |
 
 ``--full`` runs every benchmark with ``quick=False`` (step overhead: 3 x 60).
 Results: ``results.md`` and ``results.json`` in ``--out-dir`` (default ``outputs/bench``);
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, tuple[str, dict, dict]] = {
     "packing_efficiency": ("benchmarks.packing_efficiency", {"quick": True}, {"quick": False}),
     "token_efficiency": ("benchmarks.token_efficiency", {"quick": False}, {"quick": False}),
     "step_overhead": ("benchmarks.step_overhead", {"quick": True, "repeats": 2, "iters": 48}, {"quick": False}),
+    "families": ("benchmarks.families", {"quick": True}, {"quick": False}),
 }
 
 _CHILD = """
@@ -164,7 +166,14 @@ def _summary_step_overhead(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _summary_families(rows: list[dict]) -> list[dict]:
+    return [_line("model families", f"step time, tiny {r['family']} ({r['rounds']} rotating rounds)",
+                  f"{r['median_ms']:.1f} ms", "tiny llama", r["ratio_vs_llama"], "family / llama (same size)")
+            for r in rows if r.get("family") not in (None, "llama")]
+
+
 SUMMARIES = {
+    "families": _summary_families,
     "loss_path": _summary_loss_path,
     "data_preprocessing": _summary_data_preprocessing,
     "packing_efficiency": _summary_packing_efficiency,

@@ -12,6 +12,10 @@
   from HF, apply the run's LoRA, load the adapter weights from the checkpoint and
   let ``save_hf_pretrained`` merge them into the base weights (in fp32).
 
+- ``gemma3_text_only(hf_dir, out_dir)``: Gemma 3 4B/12B/27B are published as multimodal
+  ``Gemma3ForConditionalGeneration`` checkpoints; their language model, written as a
+  ``Gemma3ForCausalLM`` checkpoint, is what Bridge's GPT path (and bridge-sft) trains.
+
 Training does not need ``import_hf``: ``checkpoint.pretrained_checkpoint`` may
 point at an HF directory directly. The CPU and a GPU without Transformer Engine
 build megatron-core's TE layer spec (``bridge_sft.runtime.te_torch``), so their
@@ -107,3 +111,27 @@ def _export_merged_lora(bridge, iteration_dir: Path, peft_config: dict, hf_dir, 
         if not_loaded:
             raise RuntimeError(f"{iteration_dir}: LoRA weights missing from the checkpoint: {not_loaded[:5]}")
         bridge.save_hf_pretrained(model, str(hf_dir), show_progress=show_progress, merge_adapter_weights=True)
+
+
+def gemma3_text_only(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the language model of a ``Gemma3ForConditionalGeneration`` checkpoint (``hf_dir``: a directory
+    or hub id) to ``out_dir`` as a ``Gemma3ForCausalLM`` checkpoint: the text config, the language model's
+    weights unchanged (in their stored dtype), the tokenizer and its chat template. The vision tower and the
+    multimodal projector are left out."""
+    from transformers import AutoConfig, AutoTokenizer, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    if config.model_type != "gemma3":
+        raise ValueError(f"{hf_dir}: model_type {config.model_type!r} is not a multimodal Gemma 3 checkpoint "
+                         "(model_type 'gemma3', Gemma3ForConditionalGeneration); a text-only one needs no conversion.")
+    multimodal = Gemma3ForConditionalGeneration.from_pretrained(str(hf_dir), dtype="auto")
+    text_config = config.text_config
+    text_config.architectures = ["Gemma3ForCausalLM"]
+    text_config.tie_word_embeddings = config.tie_word_embeddings
+    with torch.device("meta"):  # no second copy of the weights
+        text = Gemma3ForCausalLM(text_config)
+    text.model.load_state_dict(multimodal.model.language_model.state_dict(), assign=True)
+    text.lm_head.weight = multimodal.lm_head.weight
+    text.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(str(hf_dir)).save_pretrained(out_dir)
+    return Path(out_dir)

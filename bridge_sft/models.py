@@ -21,7 +21,7 @@ import logging
 import torch
 from megatron.bridge import AutoBridge
 
-from bridge_sft import bridge_fixes
+from bridge_sft import bridge_fixes, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,14 @@ def _packed_gemma2_attention_class():
     class PackedGemma2Attention(Gemma2FlexDotProductAttention):
         """Bridge's Gemma 2 attention (soft-capped logits, sliding windows), which rejects packed
         sequences, run once per sequence of a THD pack (``[t, heads, dim]`` in,
-        ``[t, 1, heads * dim]`` out) on its unfused kernel; unpacked batches unchanged."""
+        ``[t, 1, heads * dim]`` out) on its unfused kernel; unpacked batches unchanged
+        (FlexAttention on a GPU, the unfused kernel on the CPU runtime)."""
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **kwargs):
             if packed_seq_params is None:
+                if runtime.is_enabled():  # FlexAttention would torch.compile a CPU kernel per sequence length
+                    return Gemma2DotProductAttention.forward(self, query, key, value, attention_mask,
+                                                             attn_mask_type=attn_mask_type, **kwargs)
                 return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
             bounds = packed_seq_params.cu_seqlens_q_padded
             bounds = (bounds if bounds is not None else packed_seq_params.cu_seqlens_q).tolist()
@@ -121,10 +125,21 @@ def _packed_gemma2_attention_class():
 
 
 def check_model(config) -> None:
-    """Reject model settings this host cannot run (one line each, naming the setting and the fix)."""
-    from bridge_sft import runtime
+    """Reject model settings this host or Bridge cannot run (one line each, naming the setting and the fix)."""
+    check_provider(config.model)
 
-    model = config.model
+
+def check_provider(model) -> None:
+    """``check_model`` for a model provider on its own."""
+    from megatron.bridge.models.olmoe.olmoe_provider import OlMoEModelProvider
+
+    if isinstance(model, OlMoEModelProvider) and model.tensor_model_parallel_size > 1:
+        # Bridge's OLMoE attention normalises q and k over all heads, which a tensor-parallel rank does not hold.
+        raise UnsupportedModelError(
+            f"model.tensor_model_parallel_size={model.tensor_model_parallel_size}: Megatron-Bridge 0.6.2's OLMoE "
+            "model normalises queries and keys across all attention heads and cannot split them over "
+            "tensor-parallel ranks. Use tensor_parallel=1 with expert parallelism (model.expert_model_parallel_size)."
+        )
     if runtime.mode() in ("cpu", "no_te"):
         where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"
         needs_te = {

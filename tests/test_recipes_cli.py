@@ -39,6 +39,19 @@ def qwen3(hidden, inter, layers, heads, kv, tie):
             "torch_dtype": "bfloat16"}
 
 
+def gemma3(hidden, inter, layers, heads, kv, head_dim, window, vocab=262208, rope_factor=8.0):
+    """A Gemma 3 text config as the text_config of the published checkpoint (5 sliding-window layers per global)."""
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab, "rms_norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256 if head_dim == 256
+              else 168, "sliding_window": window, "sliding_window_pattern": 6, "max_position_embeddings": 131072,
+              "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    if rope_factor != 1.0:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": rope_factor}
+    return config
+
+
 # The published config.json sizes of each preset's model.
 PUBLISHED = {
     "llama32_1b": llama(2048, 8192, 16, 32, 8, True),
@@ -51,8 +64,20 @@ PUBLISHED = {
     "qwen3_1p7b": qwen3(2048, 6144, 28, 16, 8, True),
     "qwen3_4b": qwen3(2560, 9728, 36, 32, 8, True),
     "qwen3_8b": qwen3(4096, 12288, 36, 32, 8, False),
+    "gemma3_1b": {**gemma3(1152, 6912, 26, 4, 1, 256, 512, vocab=262144, rope_factor=1.0),
+                  "max_position_embeddings": 32768},
+    "gemma3_4b": gemma3(2560, 10240, 34, 8, 4, 256, 1024),
+    "gemma3_12b": gemma3(3840, 15360, 48, 16, 8, 256, 1024),
+    "gemma3_27b": gemma3(5376, 21504, 62, 32, 16, 128, 1024),
+    "mistral_7b": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+                   "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32768, "rms_norm_eps": 1e-5,
+                   "rope_theta": 1000000.0, "max_position_embeddings": 32768, "sliding_window": None,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
 }
-EXPECTED_TP = {"llama31_8b": 2, "qwen25_7b": 2, "qwen3_4b": 2, "qwen3_8b": 4}
+EXPECTED_TP = {"llama31_8b": 2, "qwen25_7b": 2, "qwen3_4b": 2, "qwen3_8b": 4, "gemma3_12b": 4, "gemma3_27b": 8,
+               "mistral_7b": 2}
+SEQ_4096 = ("llama", "gemma3", "mistral")
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +109,12 @@ def test_every_preset_builds_the_published_model_shape(hf_configs):
         assert kv_channels == hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]), name
         assert full["vocab_size"] == hf["vocab_size"], name
         assert full["share_embeddings_and_output_weights"] == hf["tie_word_embeddings"], name
-        assert full["rotary_base"] == hf["rope_theta"], name
+        rotary_base = [hf["rope_local_base_freq"], hf["rope_theta"]] if name.startswith("gemma3") else hf["rope_theta"]
+        assert full["rotary_base"] == rotary_base, name
         assert full["tensor_model_parallel_size"] == EXPECTED_TP.get(name, 1), name
-        assert full["seq_length"] == full["dataset_seq_length"] == (4096 if name.startswith("llama") else 2048)
+        assert full["seq_length"] == full["dataset_seq_length"] == (4096 if name.startswith(SEQ_4096) else 2048)
+        if name.startswith("gemma3"):  # 5 sliding-window layers per global one, from the config's layer types
+            assert (full["window_size"], full["interleaved_attn_pattern"]) == (hf["sliding_window"], [5, 1]), name
         assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
         assert full["peft"] is None and full["lr"] == 5e-6
         # LoRA: Bridge's PEFT defaults (1 GPU, lr 1e-4), and dotted overrides still apply.
@@ -123,6 +151,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    gemma3_mm = tmp_path / "gemma3-mm"
+    gemma3_mm.mkdir()
+    (gemma3_mm / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
+                                                       "model_type": "gemma3"}))
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n'
                         '{"messages": [\n')
@@ -138,6 +170,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "bad_type": ["train", "tiny", *ok, "train.train_iters=many"],
         "missing_hf_path": ["train", "tiny", f"output_dir={out}"],
         "seq_mismatch": ["train", "tiny", *ok, "dataset.seq_length=128"],
+        "cp_without_te": ["train", "tiny", *ok, "context_parallel=2"],
+        "multimodal": ["train", "tiny", f"hf_path={gemma3_mm}", f"output_dir={out}"],
         "convert_missing": ["convert", "import", str(tmp_path / "nope"), str(tmp_path / "converted")],
     }
     spec = tmp_path / "cases.json"
@@ -154,6 +188,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "bad_type": "train.train_iters='many': expected int",
         "missing_hf_path": "recipe tiny needs hf_path=...",
         "seq_mismatch": "dataset.seq_length=128 but model.seq_length=256",
+        "cp_without_te": "model.context_parallel_size=2 needs Transformer Engine, which is not available on the CPU",
+        "multimodal": "bridge-sft convert text-only",
         "convert_missing": "nope: no such directory",
     }
     for name, phrase in expect.items():

@@ -1,11 +1,13 @@
-"""``bridge-sft convert import|export``: HF <-> Megatron checkpoints through AutoBridge.
+"""``bridge-sft convert import|export|text-only``: HF <-> Megatron checkpoints through AutoBridge.
 
 import HF_DIR OUT                      HF checkpoint -> Megatron (torch_dist) checkpoint
 export MEGATRON_CKPT OUT [--hf HF]     Megatron checkpoint (import's, or a training run's
                                        checkpoints/ folder: its latest iteration) -> HF directory
+text-only HF_DIR_OR_ID OUT             a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration)
+                                       -> its language model as a Gemma3ForCausalLM checkpoint
 
-Both run single-process (CPU over gloo, or one GPU). Training does not need an
-import: recipes load HF directories directly.
+import and export run single-process (CPU over gloo, or one GPU). Training does not
+need an import: recipes load HF directories directly.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from bridge_sft.cli import UserError
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="HF <-> Megatron checkpoint conversion",
                                    description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="direction", metavar="{import,export}", required=True)
+    commands = parser.add_subparsers(dest="direction", metavar="{import,export,text-only}", required=True)
     imp = commands.add_parser("import", help="HF checkpoint directory -> Megatron checkpoint")
     imp.add_argument("hf_dir", help="HF checkpoint directory (config.json, weights, tokenizer)")
     imp.add_argument("out", help="output Megatron checkpoint directory (must not exist)")
@@ -32,6 +34,27 @@ def add_parser(subparsers) -> None:
     for sub in (imp, exp):
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         sub.set_defaults(func=main)
+    text = commands.add_parser("text-only", help="multimodal Gemma 3 checkpoint -> its text-only Gemma3ForCausalLM")
+    text.add_argument("hf_dir", help="HF directory or hub id of a Gemma3ForConditionalGeneration checkpoint")
+    text.add_argument("out", help="output HF directory (must not exist)")
+    text.set_defaults(func=text_only)
+
+
+def text_only(args) -> int:
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; give a new output directory.")
+    from bridge_sft.conversion import gemma3_text_only
+
+    try:
+        gemma3_text_only(args.hf_dir, out)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-written
+        raise
+    print(f"wrote {out}")
+    return 0
 
 
 def main(args) -> int:

@@ -1,7 +1,7 @@
 """Preset recipes: ``sft`` with the defaults for one model on H100s, and ``tiny`` for a CPU.
 
 Parallelism, sequence length and batch size follow Megatron-Bridge 0.6.2's own
-SFT/PEFT recipes for these models (``megatron/bridge/recipes/{llama,qwen}/h100``).
+SFT/PEFT recipes for these models (``megatron/bridge/recipes/{llama,qwen,gemma,gemma3_vl}/h100``).
 The default checkpoints are the chat (Instruct) models, whose tokenizers carry
 the chat template the data pipeline needs; point ``hf_path`` at a local copy
 (or any HF directory of the same architecture) to train offline.
@@ -79,6 +79,39 @@ def qwen3_8b(hf_path: str = "Qwen/Qwen3-8B", data=None, **overrides):
     return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=4, global_batch_size=32)
 
 
+# Gemma 3 and Mistral. Bridge 0.6.2 has SFT recipes for Gemma 3 1B (text) and 4B/12B/27B (vision-language:
+# their language models use the same parallelism here); it has none for Mistral 7B, whose preset follows
+# Llama 3.1 8B's (same size class). Gemma 3 4B/12B/27B are published as multimodal
+# Gemma3ForConditionalGeneration checkpoints: give these presets their text-only Gemma3ForCausalLM
+# (``bridge-sft convert text-only``).
+
+
+def gemma3_1b(hf_path: str = "google/gemma-3-1b-it", data=None, **overrides):
+    """Gemma 3 1B (text), 1 GPU, seq 4096, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=1, global_batch_size=32)
+
+
+def gemma3_4b(hf_path: str = "google/gemma-3-4b-it", data=None, **overrides):
+    """Gemma 3 4B language model, 1 GPU, seq 4096, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=1, global_batch_size=32)
+
+
+def gemma3_12b(hf_path: str = "google/gemma-3-12b-it", data=None, **overrides):
+    """Gemma 3 12B language model, TP=4, seq 4096, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=4, global_batch_size=32)
+
+
+def gemma3_27b(hf_path: str = "google/gemma-3-27b-it", data=None, **overrides):
+    """Gemma 3 27B language model, TP=8 x PP=2, seq 4096, packed global batch 32."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=8, pipeline_parallel=2,
+                   global_batch_size=32)
+
+
+def mistral_7b(hf_path: str = "mistralai/Mistral-7B-Instruct-v0.3", data=None, **overrides):
+    """Mistral 7B Instruct v0.3, TP=2, seq 4096, packed global batch 8."""
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=2, global_batch_size=8)
+
+
 def tiny(hf_path: str, data=str(SAMPLE_DIALOGS), **overrides):
     """A tiny model (``bridge_sft.tiny.build_tiny_model``) on the CPU: fp32, packed seq 256,
     40 iterations of 8 packs, validation every 20, bundled ChatterBot dialogs by default."""
@@ -97,5 +130,5 @@ def tiny(hf_path: str, data=str(SAMPLE_DIALOGS), **overrides):
 PRESETS = {
     fn.__name__: fn
     for fn in (llama32_1b, llama32_3b, llama31_8b, qwen25_0p5b, qwen25_1p5b, qwen25_7b,
-               qwen3_0p6b, qwen3_1p7b, qwen3_4b, qwen3_8b)
+               qwen3_0p6b, qwen3_1p7b, qwen3_4b, qwen3_8b, gemma3_1b, gemma3_4b, gemma3_12b, gemma3_27b, mistral_7b)
 }

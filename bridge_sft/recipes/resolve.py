@@ -98,6 +98,16 @@ def check_hf_checkpoint(hf_path: str) -> None:
     from megatron.bridge import AutoBridge
 
     supported = AutoBridge.list_supported_models()
+    if "Gemma3ForConditionalGeneration" in architectures:
+        raise ConfigError(
+            f"hf_path={hf_path} is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); bridge-sft "
+            f"trains its language model: run `bridge-sft convert text-only {hf_path} DIR` and use hf_path=DIR."
+        )
+    if architectures and not any(arch.endswith("ForCausalLM") for arch in architectures):
+        raise ConfigError(
+            f"hf_path={hf_path}: architecture {', '.join(architectures)} is not a causal language model; "
+            "bridge-sft fine-tunes text-only causal LMs (*ForCausalLM)."
+        )
     if not any(arch in supported for arch in architectures):
         causal_lms = ", ".join(a for a in supported if a.endswith("ForCausalLM"))
         raise ConfigError(

@@ -9,7 +9,9 @@ Transformer Engine):
    ``"cuda:N"``, integer indices, ``torch.device("cuda")``), ``Tensor.cuda()``,
    ``Tensor.to("cuda")`` and ``pin_memory`` to the CPU, and reports CPU float
    tensors as ``torch.cuda.*Tensor`` from ``Tensor.type()`` (an assert in
-   ``megatron/core/optimizer/clip_grads.py`` checks that string).
+   ``megatron/core/optimizer/clip_grads.py`` checks that string). It also hands
+   ``all_to_all_single`` the split sizes of megatron's MoE token dispatcher as
+   lists (on CUDA megatron makes them numpy arrays; gloo has the collective).
 2. CPU stand-ins for the ``torch.cuda`` functions Megatron calls
    (``current_device``, ``synchronize``, ``Event`` on the wall clock, streams,
    memory statistics, nvtx, RNG state ...). ``torch.cuda.is_available()`` still
@@ -98,7 +100,18 @@ class _CudaToCpuMode(TorchFunctionMode):
             pass
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU, *args[2:])
+        if func is torch.distributed.all_to_all_single:
+            _split_sizes_as_lists(kwargs)
         return func(*args, **kwargs)
+
+
+def _split_sizes_as_lists(kwargs: dict) -> None:
+    """megatron's MoE alltoall dispatcher moves its split sizes to host memory as numpy arrays, but only
+    from a CUDA tensor (``moe_utils.maybe_move_tensor_to_cpu``); on the CPU they stay tensors, which
+    ``all_to_all_single`` rejects. Give it lists (expert parallelism over gloo)."""
+    for key in ("output_split_sizes", "input_split_sizes"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            kwargs[key] = kwargs[key].tolist()
 
 
 # ---------------------------------------------------------------------------

@@ -200,6 +200,13 @@ TE_KERNEL_SETTINGS = (
 
 def configure_model(provider) -> None:
     """Turn off the provider settings that need TE kernels; the layer spec stays the family's own."""
+    from megatron.core.transformer.enums import AttnBackend
+
     for name in TE_KERNEL_SETTINGS:
         if hasattr(provider, name):
             setattr(provider, name, False)
+    # Which TE attention kernel to use (flash/fused/unfused) means nothing to te_torch; megatron writes the
+    # choice into NVTE_* environment variables and asserts them, so one value for every model keeps a
+    # process that builds several models (conversion, tests) consistent. (`local` would swap the layers.)
+    if provider.attention_backend != AttnBackend.local:
+        provider.attention_backend = AttnBackend.auto

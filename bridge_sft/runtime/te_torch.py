@@ -314,7 +314,13 @@ class DotProductAttention(torch.nn.Module):
     sees keys ``i - left .. i + right`` (-1: unbounded). ``softmax_type``: ``vanilla``,
     ``off-by-one`` (a sink logit of 0) or ``learnable`` (a sink logit per head, the
     ``softmax_offset`` parameter ``[heads]``).
+
+    Kernel: torch's ``scaled_dot_product_attention`` (flash / memory-efficient on a GPU: no
+    ``s x s`` probabilities kept for backward); with attention sinks, or ``use_sdpa = False``
+    (the GPU check's comparison), an explicit fp32 softmax over ``q k^T``.
     """
+
+    use_sdpa = True
 
     def __init__(self, num_attention_heads: int, kv_channels, num_gqa_groups: int | None = None,
                  attention_dropout: float = 0.0, qkv_format: str = "sbhd", attn_mask_type: str = "causal",
@@ -400,19 +406,24 @@ class DotProductAttention(torch.nn.Module):
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
         dropout = self.dropout_p if self.training else 0.0
+        plain_causal = causal and bias is None and (window is None or window[0] < 0) and q.size(2) == k.size(2)
+        if self.softmax_type == "vanilla" and self.use_sdpa and plain_causal:  # no mask tensor: flash kernels apply
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
         visible = self._visible(q.size(2), k.size(2), causal, window, q.device)
-        if self.softmax_type == "vanilla":
+        if self.softmax_type == "vanilla" and self.use_sdpa:
             mask = visible if bias is None else (bias if visible is None else bias.masked_fill(~visible, -math.inf))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
-        # Attention sinks: one extra logit per head that takes probability mass and contributes no value.
         scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * self.softmax_scale
         if bias is not None:
             scores = scores + bias.float()
         if visible is not None:
             scores = scores.masked_fill(~visible, -math.inf)
-        sink = self.softmax_offset.float() if self.softmax_type == "learnable" else scores.new_zeros(self.heads)
-        sink = sink.view(1, -1, 1, 1).expand(scores.size(0), -1, scores.size(2), 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].to(v.dtype)
+        if self.softmax_type == "vanilla":
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        else:  # attention sinks: one extra logit per head that takes probability mass and contributes no value
+            sink = self.softmax_offset.float() if self.softmax_type == "learnable" else scores.new_zeros(self.heads)
+            sink = sink.view(1, -1, 1, 1).expand(scores.size(0), -1, scores.size(2), 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1].to(v.dtype)
         probs = F.dropout(probs, dropout, training=dropout > 0)
         return torch.matmul(probs, v)
 

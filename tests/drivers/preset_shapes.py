@@ -15,11 +15,11 @@ from bridge_sft.train import check_config
 
 FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
           "vocab_size", "share_embeddings_and_output_weights", "seq_length", "tensor_model_parallel_size",
-          "calculate_per_token_loss", "rotary_base")
+          "calculate_per_token_loss", "rotary_base", "window_size", "interleaved_attn_pattern")
 
 
 def shapes(config):
-    model = {name: getattr(config.model, name) for name in FIELDS}
+    model = {name: getattr(config.model, name, None) for name in FIELDS}
     model["average_in_collective"] = config.ddp.average_in_collective
     model["dataset_seq_length"] = config.dataset.seq_length
     model["lr"] = config.optimizer.lr

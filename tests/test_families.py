@@ -1,0 +1,98 @@
+"""Every model family bridge-sft supports, on the CPU runtime (megatron-core's TE layer spec on
+bridge_sft.runtime.te_torch): the Megatron model is numerically the HF model, trains, and exports.
+
+One driver process checks the forward parity of all families (model after model); the HF ->
+Megatron -> HF round trip of all families is tests/test_conversion.py. Training runs (a process
+each) cover the families whose layers differ most from Llama's by default; the others are marked
+``extended`` (``pytest -m extended`` runs them).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from launch import run_python
+
+from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS
+
+TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3")  # custom TE spec + windows; sinks + biased MoE; MLA + MoE
+
+
+def test_every_family_matches_hf_through_the_forward_step(tiny_models, tmp_path):
+    """Per-token losses of three multi-turn dialogs (longer than the sliding window), packed in one THD row
+    and one by one, through bridge_sft.step.forward_step, equal the HF model's within 1e-5 (fp32)."""
+    out = tmp_path / "parity.json"
+    run_python("family_parity.py", out, *(tiny_models[arch] for arch in TINY_ARCHS), timeout=1500)
+    results = json.loads(out.read_text())
+    assert set(results) == {tiny_models[arch].name for arch in TINY_ARCHS}
+    for name, r in results.items():
+        assert "error" not in r, (name, r)
+        assert r["packed_vs_hf"] <= 1e-5 and r["unpacked_vs_hf"] <= 1e-5, (name, r)
+        assert r["packed_vs_unpacked"] <= 1e-5, (name, r)
+        assert r["loss_scale"] > 1.0 and r["supervised"] > 0 and min(r["lengths"]) > 32, (name, r)
+
+
+def hf_logits(hf_dir, tokens) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens)).logits
+
+
+def probe_tokens(hf_dir, path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    chats = [[{"role": "user", "content": "Do you like books? Which ones, and why do you read them at night?"},
+              {"role": "assistant", "content": "I love them, mostly novels: a story helps me sleep."}],
+             [{"role": "user", "content": "What is AI? Explain it to me like I am five years old."},
+              {"role": "assistant", "content": "Artificial brains that learn from many examples."}]]
+    ids = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in chats]
+    n = min(map(len, ids))
+    tokens = [row[:n] for row in ids]
+    path.write_text(json.dumps(tokens))
+    return tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [
+    a if a in TRAINED_BY_DEFAULT else pytest.param(a, marks=pytest.mark.extended)
+    for a in TINY_ARCHS if a not in ("llama",)  # llama: tests/test_end_to_end.py
+])
+def test_family_trains_with_the_default_recipe_and_exports_to_hf(arch, tiny_models, tmp_path):
+    """``tiny`` recipe defaults (no model-specific overrides): the loss falls, the HF checkpoint Bridge writes
+    beside the last checkpoint loads in transformers and gives the trained Megatron model's logits (1e-4)."""
+    hf_dir, out = tiny_models[arch], tmp_path / "run"
+    out.mkdir()
+    tokens = probe_tokens(hf_dir, tmp_path / "tokens.json")
+    run_python("train_probe.py", out, tmp_path / "tokens.json", "tiny", f"hf_path={hf_dir}", f"output_dir={out}",
+               "train_iters=8", "log_interval=1", "eval_interval=null", "save_interval=8", timeout=900)
+    probe = json.loads((out / "probe.json").read_text())
+    losses = {int(k): v for k, v in probe["losses"].items()}
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 0.2, losses
+    export = out / "checkpoints" / "iter_0000008" / "hf"
+    exported = hf_logits(export, tokens)
+    assert (exported - hf_logits(hf_dir, tokens)).abs().max() > 1e-2  # training changed the model
+    torch.testing.assert_close(exported, torch.load(out / "probe_logits.pt"), rtol=0, atol=1e-4)
+
+
+def test_moe_families_under_tensor_and_expert_parallelism(tiny_models, tmp_path):
+    """Forward losses of each MoE family with TP=2 and with EP=2 (2 ranks on gloo) equal the 1-process ones."""
+    out = tmp_path / "moe_parallel.json"
+    from launch import run_torchrun
+
+    run_torchrun("family_parallel.py", out, *(tiny_models[a] for a in MOE_ARCHS), timeout=1200)
+    results = json.loads(out.read_text())
+    arch_of = {tiny_models[a].name: a for a in MOE_ARCHS}
+    assert set(results) == set(arch_of)
+    for name, r in results.items():
+        assert "error" not in r, (name, r)
+        for layout in ("tp2", "ep2"):
+            if arch_of[name] == "olmoe" and layout == "tp2":  # Bridge's OLMoE q/k norms span all heads: refused
+                assert r[layout].startswith("unsupported: model.tensor_model_parallel_size=2"), r
+                continue
+            assert r[layout] <= 1e-5, (name, layout, r)
+    assert results[tiny_models["qwen3_moe"].name]["scale"] > 1.0
