@@ -635,6 +635,8 @@ class ChatEncoder:
     def _for_template(self, messages: list[dict], tools: Any) -> list[dict]:
         """Messages as the template expects them: reasoning under both names, tool-call
         arguments as objects or JSON strings (whichever form the template renders)."""
+        if self._template(tools) not in self._arguments:
+            self._probe_arguments(tools)
         form = self._arguments.get(self._template(tools))
         out = []
         for message in messages:
@@ -765,7 +767,9 @@ class ChatEncoder:
         user_end = after_user[0]
         header = _common_prefix(after_user[1], after_user[2][: after_user[2].index(a)],
                                 after_user[3][: after_user[3].index(a)])
-        header = header[len(_common_prefix(header, user_end)):]  # drop the user turn's own ending
+        if header[len(_common_prefix(header, user_end)):].strip():
+            header = header[len(_common_prefix(header, user_end)):]  # drop the user turn's own ending
+        # else: the user turn's ending is all the prompt there is (Mistral: "[/INST]")
         if "<think>" in header and header[: header.index("<think>")].strip():
             # A generation prompt that opens a reasoning block (Nemotron: "assistant\n<think>\n"):
             # the block belongs to the turn's body, where the reasoning policies apply.
@@ -796,6 +800,17 @@ class ChatEncoder:
         """End offsets of the special tokens in ``text``."""
         enc = self._backend.encode(text, add_special_tokens=False)
         return [end for token_id, (_, end) in zip(enc.ids, enc.offsets) if token_id in self._special_ids]
+
+    def _after_special_run(self, text: str, start: int, stop: int) -> int:
+        """End of the first run of adjacent special tokens in ``text[start:stop]`` (-1 if none)."""
+        enc = self._backend.encode(text[start:stop], add_special_tokens=False)
+        end = -1
+        for token_id, (a, b) in zip(enc.ids, enc.offsets):
+            if token_id in self._special_ids and (end < 0 or a == end):
+                end = b
+            elif end >= 0:
+                break
+        return start + end if end >= 0 else -1
 
     def _probe_arguments(self, tools: Any) -> None:
         """Whether the template renders tool-call arguments given as objects (HF's convention)
@@ -899,8 +914,8 @@ class ChatEncoder:
                     f"the conversation up to message {j} renders differently on its own than inside the whole "
                     "conversation"
                 )
-            else:
-                raise self._unsupported(f"the header of assistant message {j} was not found")
+            else:  # no header at all (DeepSeek-V3's second tool-call turn): the body starts right there
+                start = len(before)
             through = self.render(conv.messages[: j + 1], conv.tools)
             end = -1
             if text.startswith(through):
@@ -1101,15 +1116,24 @@ class _Skeleton:
             later = [p[0] for i in range(j + 1, n) for p in by_message.get(i, [])]
             next_anchor = min(later) if later else len(s)
             if message["role"] != "assistant":
-                if own:
+                # (A text the template moves after later messages, as Mistral v3 does with the
+                # system prompt, says nothing about where this point of the conversation is.)
+                if own and max(e for _, e in own) <= next_anchor:
                     cursor = max(cursor, max(e for _, e in own))
                 bodies.append(None)
                 continue
             header_limit = min(b for b, _ in own) if own else next_anchor
             g = s.find(header, cursor, header_limit)
-            if g < 0:
+            if g >= 0:
+                start = g + len(header)
+            elif j and conv.messages[j - 1]["role"] == "tool":
+                # No header after a tool result (Mistral, DeepSeek-V3): the body starts after the
+                # special tokens that close the result ("[/TOOL_RESULTS]").
+                start = encoder._after_special_run(s, cursor, header_limit)
+                if start < 0:
+                    return None
+            else:
                 return None
-            start = g + len(header)
             content_end = max([start] + [e for _, e in own])
             end = _find_end(s, eots, content_end, next_anchor)
             if end < 0:
