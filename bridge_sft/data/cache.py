@@ -16,7 +16,7 @@ location and the fix; ``"skip"`` skips it and counts it by reason
 (``summary["skipped"]``). Too-long samples (more than ``seq_length + 1`` ids):
 ``truncation="drop"`` drops and counts them, ``"truncate"`` cuts them to
 ``seq_length + 1`` ids (and drops, counted, those left with no supervised
-label), ``"error"`` stops, ``"split"`` (default) cuts a long conversation at turn
+label), ``"error"`` stops, ``"split"`` cuts a long conversation at turn
 boundaries into several samples that each fit, every assistant turn trained once
 (``ChatEncoder.split_long``; a single exchange longer than ``seq_length + 1`` is
 truncated, counted). Nothing is dropped without being counted. The summary reports
@@ -91,7 +91,7 @@ class EncodeOptions:
     chat_template: str | None = None
     template_kwargs: dict[str, Any] | None = None
     empty_think: str = "mask"
-    truncation: str = "split"
+    truncation: str = "truncate"
     on_bad_record: str = "error"
     train_reasoning: bool = True
     reasoning_history: str = "split"

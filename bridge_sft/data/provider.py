@@ -76,7 +76,7 @@ class SFTDatasetProvider(DatasetProvider):
     chat_template: str | None = None
     template_kwargs: dict[str, Any] | None = None
     empty_think: Literal["mask", "train"] = "mask"
-    truncation: Literal["split", "truncate", "drop", "error"] = "split"
+    truncation: Literal["split", "truncate", "drop", "error"] = "truncate"
     train_reasoning: bool = True
     reasoning_history: Literal["split", "template"] = "split"
     tools: list[dict[str, Any]] | str | None = None
