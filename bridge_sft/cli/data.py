@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
                            "settings reuses it when its dataset.cache_dir is the same (<output_dir>/data_cache)")
     prep.add_argument("--no-packing", action="store_true", help="do not report packing")
     prep.add_argument("--pad-seq-to-mult", type=int, default=1, help="pad packed samples to a multiple (2 x CP size)")
-    prep.add_argument("--truncation", choices=("truncate", "drop", "error"), default="truncate")
+    prep.add_argument("--truncation", choices=("split", "truncate", "drop", "error"), default="truncate")
     prep.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     prep.add_argument("--num-proc", type=int, default=None, help="encoding processes (default: automatic)")
     prep.add_argument("--no-progress", action="store_true")

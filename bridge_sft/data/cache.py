@@ -16,7 +16,12 @@ location and the fix; ``"skip"`` skips it and counts it by reason
 (``summary["skipped"]``). Too-long samples (more than ``seq_length + 1`` ids):
 ``truncation="drop"`` drops and counts them, ``"truncate"`` cuts them to
 ``seq_length + 1`` ids (and drops, counted, those left with no supervised
-label), ``"error"`` stops. Nothing is dropped without being counted.
+label), ``"error"`` stops, ``"split"`` cuts a long conversation at turn
+boundaries into several samples that each fit, every assistant turn trained once
+(``ChatEncoder.split_long``; a single exchange longer than ``seq_length + 1`` is
+truncated, counted). Nothing is dropped without being counted. The summary reports
+the supervised tokens each truncation policy would keep (``supervised_by_truncation``)
+and the reasoning tokens each ``reasoning_history`` policy trains (``reasoning_tokens``).
 
 This module imports neither torch nor megatron.
 """
@@ -39,7 +44,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bridge_sft.data.encoding import EMPTY_THINK, TRAIN_ON, ChatEncoder, TokenizerSpec, load_chat_template
+from bridge_sft.data import encoding as _encoding
+from bridge_sft.data.encoding import (
+    EMPTY_THINK,
+    REASONING_HISTORY,
+    TRAIN_ON,
+    ChatEncoder,
+    TokenizerSpec,
+    load_chat_template,
+    load_tools,
+)
 from bridge_sft.data.formats import (
     FORMATS,
     Conversation,
@@ -58,8 +72,8 @@ from bridge_sft.data.formats import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the encoding rules change
-TRUNCATION = ("drop", "truncate", "error")
+CACHE_VERSION = 2  # bump when the encoding rules change
+TRUNCATION = ("split", "truncate", "drop", "error")
 ON_BAD_RECORD = ("error", "skip")
 CHUNK_RECORDS = 256
 _TOKENIZER_FILES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".vocab")
@@ -79,6 +93,9 @@ class EncodeOptions:
     empty_think: str = "mask"
     truncation: str = "truncate"
     on_bad_record: str = "error"
+    train_reasoning: bool = True
+    reasoning_history: str = "split"
+    tools: list[dict[str, Any]] | str | None = None  # for records without their own 'tools' (list or JSON file)
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -93,6 +110,12 @@ class EncodeOptions:
             raise DataError(f"on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, not {self.on_bad_record!r}")
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             raise DataError(f"seq_length must be a positive integer, not {self.seq_length!r}")
+        if self.reasoning_history not in REASONING_HISTORY:
+            raise DataError(f"reasoning_history must be one of {', '.join(REASONING_HISTORY)}, "
+                            f"not {self.reasoning_history!r}")
+        if not isinstance(self.train_reasoning, bool):
+            raise DataError(f"train_reasoning must be true or false, not {self.train_reasoning!r}")
+        load_tools(self.tools)
 
 
 @dataclass
@@ -161,6 +184,8 @@ def cache_key(sources: list[Source], options: EncodeOptions) -> str:
         h.update(f"\0tokenizer id {options.tokenizer_path}\0".encode())
     template = load_chat_template(options.chat_template)
     h.update(f"\0template\0{template}".encode())
+    if isinstance(options.tools, str):  # a file: its contents are part of the key
+        h.update(json.dumps(load_tools(options.tools), sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -188,12 +213,15 @@ def make_encoder(options: EncodeOptions, tokenizer=None) -> ChatEncoder:
         template_kwargs=options.template_kwargs,
         train_on=options.train_on,
         empty_think=options.empty_think,
+        train_reasoning=options.train_reasoning,
+        reasoning_history=options.reasoning_history,
         name=options.tokenizer_path,
     )
 
 
 def _init_worker(options: EncodeOptions, spec: TokenizerSpec) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _encoding.QUIET["fallback"] = True  # the main process announced any template fallback already
     _WORKER["options"] = options
     _WORKER["encoder"] = make_encoder(options, spec)
 
@@ -220,6 +248,9 @@ class _ChunkResult:
     first_at: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     pad_id: int = 0
+    # Counts of the samples/policies (see EncodedRecord): supervised labels kept by each
+    # truncation policy, reasoning tokens trained by each reasoning_history policy.
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def _encode_chunk(
@@ -249,54 +280,79 @@ def _encode_chunk(
         where = location(chunk.source, index)
         try:
             record = parse_raw(raw, chunk.source, index)
-            convs.append((index, to_conversation(record, chunk.fmt, options.columns,
-                                                 require_assistant=options.train_on != "all")))
+            conv = to_conversation(record, chunk.fmt, options.columns, require_assistant=options.train_on != "all")
+            if conv.tools is None and options.tools:
+                conv.tools = load_tools(options.tools)
+            convs.append((index, conv))
         except RecordError as exc:
             if bad(exc.reason, where, exc.detail, fix_skip):
                 return result
     ids_out, mask_out, lengths, origins = [], [], [], []
-    for (index, _), encoded in zip(convs, encoder.encode_many([c for _, c in convs])):
+    split = options.truncation == "split"
+    records = encoder.encode_records([c for _, c in convs], max_ids, split_long=split)
+    for (index, _), record in zip(convs, records):
         where = location(chunk.source, index)
-        if isinstance(encoded, RecordError):
-            if bad(encoded.reason, where, encoded.detail, fix_skip):
+        if isinstance(record, RecordError):
+            if bad(record.reason, where, record.detail, fix_skip):
                 return result
             continue
-        ids, mask = encoded
-        if len(ids) < 2:
-            if bad("too_short", where, "the conversation renders to fewer than 2 tokens", fix_skip):
+        _count(result.counts, record)
+        for ids, mask in record.samples:
+            if _keep_sample(result, options, ids, mask, where, index, chunk.source_index, fix_skip, bad,
+                            ids_out, mask_out, lengths, origins):
                 return result
-            continue
-        if len(ids) > max_ids:
-            if options.truncation == "error":
-                result.error = (
-                    f"{where}: the conversation is {len(ids)} tokens, more than seq_length + 1 = {max_ids} "
-                    "(raise seq_length, or set truncation='truncate' to cut long samples or 'drop' to skip them)"
-                )
-                return result
-            if options.truncation == "drop":
-                result.dropped_too_long += 1
-                result.first_at.setdefault("dropped_too_long", where)
-                continue
-            ids, mask = ids[:max_ids], mask[:max_ids]
-            if not mask[1:].any():
-                result.dropped_no_supervised += 1
-                result.first_at.setdefault("dropped_no_supervised", where)
-                continue
-            result.truncated += 1
-        if not mask[1:].any():
-            if bad("no_supervised_tokens", where, "no token of the conversation is supervised", fix_skip):
-                return result
-            continue
-        ids_out.append(ids)
-        mask_out.append(mask)
-        lengths.append(len(ids))
-        origins.append((chunk.source_index, index))
     if ids_out:
         result.ids = np.concatenate(ids_out).astype(np.uint32)
         result.mask = np.concatenate(mask_out).astype(np.uint8)
         result.lengths = np.asarray(lengths, dtype=np.int64)
         result.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
     return result
+
+
+def _count(counts: dict[str, int], record) -> None:
+    for key in ("supervised_full", "supervised_truncate", "supervised_drop", "reasoning_trained",
+                "reasoning_template", "reasoning_split", "split_long"):
+        counts[key] = counts.get(key, 0) + getattr(record, key)
+    counts["reasoning_pieces"] = counts.get("reasoning_pieces", 0) + record.split_pieces - 1
+    if record.supervised_split is not None:
+        counts["supervised_split"] = counts.get("supervised_split", 0) + record.supervised_split
+
+
+def _keep_sample(result, options, ids, mask, where, index, source_index, fix_skip, bad,
+                 ids_out, mask_out, lengths, origins) -> bool:
+    """Apply the length policy to one sample and keep it; True if processing must stop."""
+    max_ids = options.seq_length + 1
+    if len(ids) < 2:
+        if bad("too_short", where, "the conversation renders to fewer than 2 tokens", fix_skip):
+            return True
+        return False
+    if len(ids) > max_ids:
+        if options.truncation == "error":
+            result.error = (
+                f"{where}: the conversation is {len(ids)} tokens, more than seq_length + 1 = {max_ids} "
+                "(raise seq_length, or set truncation='truncate' to cut long samples, 'split' to cut long "
+                "conversations at turn boundaries or 'drop' to skip them)"
+            )
+            return True
+        if options.truncation == "drop":
+            result.dropped_too_long += 1
+            result.first_at.setdefault("dropped_too_long", where)
+            return False
+        ids, mask = ids[:max_ids], mask[:max_ids]
+        if not mask[1:].any():
+            result.dropped_no_supervised += 1
+            result.first_at.setdefault("dropped_no_supervised", where)
+            return False
+        result.truncated += 1
+    if not mask[1:].any():
+        if bad("no_supervised_tokens", where, "no token of the conversation is supervised", fix_skip):
+            return True
+        return False
+    ids_out.append(ids)
+    mask_out.append(mask)
+    lengths.append(len(ids))
+    origins.append((source_index, index))
+    return False
 
 
 # --------------------------------------------------------------------------- reading
@@ -447,6 +503,7 @@ def _build(sources, options, num_proc, progress, tokenizer) -> PreparedData:
         "dropped_no_supervised_after_truncation": sum(r.dropped_no_supervised for r in results),
         "skipped": skipped,
         "first_location": first_at,
+        **_policy_summary(results, options),
         "max_length": int(lengths.max()) if len(lengths) else 0,
         "seq_length": options.seq_length,
         "pad_id": results[0].pad_id if results else 0,
@@ -458,6 +515,34 @@ def _build(sources, options, num_proc, progress, tokenizer) -> PreparedData:
             f"{', '.join(s.name for s in sources)}: no usable samples ({_describe_losses(summary)})"
         )
     return PreparedData(ids, mask, offsets, origins, [s.name for s in sources], summary)
+
+
+def _policy_summary(results: list[_ChunkResult], options: EncodeOptions) -> dict[str, Any]:
+    """What each truncation and reasoning policy keeps (supervised labels / reasoning tokens)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        for key, n in r.counts.items():
+            counts[key] = counts.get(key, 0) + n
+    by_truncation = {
+        "untruncated": counts.get("supervised_full", 0),
+        "truncate": counts.get("supervised_truncate", 0),
+        "drop": counts.get("supervised_drop", 0),
+    }
+    if "supervised_split" in counts:
+        by_truncation["split"] = counts["supervised_split"]
+    return {
+        "truncation": options.truncation,
+        "supervised_by_truncation": by_truncation,
+        "split_samples": counts.get("split_long", 0),
+        "reasoning_tokens": {
+            "reasoning_history": options.reasoning_history,
+            "train_reasoning": options.train_reasoning,
+            "trained": counts.get("reasoning_trained", 0),
+            "template": counts.get("reasoning_template", 0),
+            "split": counts.get("reasoning_split", 0),
+            "split_samples": counts.get("reasoning_pieces", 0),
+        },
+    }
 
 
 def _check(result: _ChunkResult) -> _ChunkResult:
@@ -535,6 +620,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"dropped (too long):  {summary['dropped_too_long']:,}",
         f"dropped (nothing supervised after truncation): {summary['dropped_no_supervised_after_truncation']:,}",
     ]
+    by = summary.get("supervised_by_truncation")
+    if by and by.get("untruncated"):
+        full = by["untruncated"]
+        kept = ", ".join(f"{name} {n:,} ({n / full:.1%})" for name, n in by.items() if name != "untruncated")
+        lines.append(f"supervised kept:     {kept} of {full:,} (truncation={summary.get('truncation')}; "
+                     f"split made {summary.get('split_samples', 0):,} extra samples)")
+    reasoning = summary.get("reasoning_tokens")
+    if reasoning and (reasoning["template"] or reasoning["split"] or reasoning["trained"]):
+        lines.append(
+            f"reasoning tokens:    {reasoning['trained']:,} trained (reasoning_history={reasoning['reasoning_history']}, "
+            f"train_reasoning={str(reasoning['train_reasoning']).lower()}); template would train "
+            f"{reasoning['template']:,}, split {reasoning['split']:,} "
+            f"({reasoning['split_samples']:,} extra samples)"
+        )
     skipped = summary.get("skipped") or {}
     where = summary.get("first_location") or {}
     total = sum(skipped.values())

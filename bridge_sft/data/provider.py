@@ -40,7 +40,10 @@ class SFTDatasetProvider(DatasetProvider):
     ``train_on`` (``assistant``, ``last_assistant``, ``all``), ``empty_think``
     (``mask``: empty ``<think></think>`` blocks injected by the template are not
     trained; ``train``). Length: ``seq_length`` (slots per sample/pack; must equal
-    the model's), ``truncation`` (``truncate``, ``drop``, ``error``),
+    the model's), ``truncation`` (``split``: long conversations cut at turn boundaries,
+    every assistant turn trained once; ``truncate``, ``drop``, ``error``), ``train_reasoning``,
+    ``reasoning_history`` (``split``, ``template``; see ``bridge_sft.data.encoding``), ``tools``
+    (tool schemas, or a JSON file, for records without their own),
     ``on_bad_record`` (``error``, ``skip``). Splits: ``validation_path`` /
     ``test_path``, or ``validation_fraction`` / ``test_fraction`` of the training
     records (chosen with ``seed``). ``packing``: THD packs (micro-batch size 1);
@@ -69,7 +72,10 @@ class SFTDatasetProvider(DatasetProvider):
     chat_template: str | None = None
     template_kwargs: dict[str, Any] | None = None
     empty_think: Literal["mask", "train"] = "mask"
-    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    truncation: Literal["split", "truncate", "drop", "error"] = "truncate"
+    train_reasoning: bool = True
+    reasoning_history: Literal["split", "template"] = "split"
+    tools: list[dict[str, Any]] | str | None = None
     on_bad_record: Literal["error", "skip"] = "error"
     validation_path: str | list[str] | None = None
     test_path: str | list[str] | None = None
@@ -104,6 +110,9 @@ class SFTDatasetProvider(DatasetProvider):
             template_kwargs=dict(self.template_kwargs) if self.template_kwargs else None,
             empty_think=self.empty_think,
             truncation=self.truncation,
+            train_reasoning=self.train_reasoning,
+            reasoning_history=self.reasoning_history,
+            tools=self.tools,
             on_bad_record=self.on_bad_record,
         )
 
