@@ -20,6 +20,14 @@ import logging
 
 import torch
 from megatron.bridge import AutoBridge
+from megatron.bridge.models.gemma.gemma2_provider import (
+    Gemma2DotProductAttention,
+    Gemma2FlexDotProductAttention,
+    Gemma2ModelProvider,
+    gemma2_layer_spec,
+)
+from megatron.bridge.models.gemma.gemma3_provider import Gemma3ModelProvider
+from megatron.bridge.models.olmoe.olmoe_provider import OlMoEModelProvider
 
 from bridge_sft import bridge_fixes, runtime
 
@@ -59,8 +67,6 @@ def _follow_gemma3_layer_types(provider, hf_config) -> None:
     """Bridge's Gemma 3 provider alternates sliding-window and global layers in a fixed 5:1 pattern
     (``interleaved_attn_pattern``) and ignores the checkpoint's ``layer_types``; set the pattern from
     them (the published models follow 5:1, so nothing changes for them) or refuse a non-periodic one."""
-    from megatron.bridge.models.gemma.gemma3_provider import Gemma3ModelProvider
-
     layer_types = getattr(hf_config, "layer_types", None)
     if not isinstance(provider, Gemma3ModelProvider) or not layer_types:
         return
@@ -82,46 +88,40 @@ def _follow_gemma3_layer_types(provider, hf_config) -> None:
 
 
 def _packed_attention_for_gemma2(provider) -> None:
-    from megatron.bridge.models.gemma.gemma2_provider import Gemma2ModelProvider, gemma2_layer_spec
-
-    if not isinstance(provider, Gemma2ModelProvider) or provider.transformer_layer_spec is not gemma2_layer_spec:
-        return
-
-    def gemma2_packed_layer_spec(config):
-        spec = gemma2_layer_spec(config)
-        spec.submodules.self_attention.submodules.core_attention = _packed_gemma2_attention_class()
-        return spec
-
-    provider.transformer_layer_spec = gemma2_packed_layer_spec
+    if isinstance(provider, Gemma2ModelProvider) and provider.transformer_layer_spec is gemma2_layer_spec:
+        provider.transformer_layer_spec = gemma2_packed_layer_spec
 
 
-def _packed_gemma2_attention_class():
-    from megatron.bridge.models.gemma.gemma2_provider import Gemma2DotProductAttention, Gemma2FlexDotProductAttention
+def gemma2_packed_layer_spec(config):
+    """Bridge's Gemma 2 layer spec with ``PackedGemma2Attention`` as the core attention. (Module level:
+    checkpoints record the spec function by its import path.)"""
+    spec = gemma2_layer_spec(config)
+    spec.submodules.self_attention.submodules.core_attention = PackedGemma2Attention
+    return spec
 
-    class PackedGemma2Attention(Gemma2FlexDotProductAttention):
-        """Bridge's Gemma 2 attention (soft-capped logits, sliding windows), which rejects packed
-        sequences, run once per sequence of a THD pack (``[t, heads, dim]`` in,
-        ``[t, 1, heads * dim]`` out) on its unfused kernel; unpacked batches unchanged
-        (FlexAttention on a GPU, the unfused kernel on the CPU runtime)."""
 
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **kwargs):
-            if packed_seq_params is None:
-                if runtime.is_enabled():  # FlexAttention would torch.compile a CPU kernel per sequence length
-                    return Gemma2DotProductAttention.forward(self, query, key, value, attention_mask,
-                                                             attn_mask_type=attn_mask_type, **kwargs)
-                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
-            bounds = packed_seq_params.cu_seqlens_q_padded
-            bounds = (bounds if bounds is not None else packed_seq_params.cu_seqlens_q).tolist()
-            if bounds[-1] < query.size(0):  # trailing padding: a sequence of its own
-                bounds.append(query.size(0))
-            outputs = [
-                Gemma2DotProductAttention.forward(self, *(x[a:b].unsqueeze(1) for x in (query, key, value)), None,
-                                                  attn_mask_type=attn_mask_type)
-                for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-            ]
-            return torch.cat(outputs, dim=0)
+class PackedGemma2Attention(Gemma2FlexDotProductAttention):
+    """Bridge's Gemma 2 attention (soft-capped logits, sliding windows), which rejects packed
+    sequences, run once per sequence of a THD pack (``[t, heads, dim]`` in,
+    ``[t, 1, heads * dim]`` out) on its unfused kernel; unpacked batches unchanged
+    (FlexAttention on a GPU, the unfused kernel on the CPU runtime)."""
 
-    return PackedGemma2Attention
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **kwargs):
+        if packed_seq_params is None:
+            if runtime.is_enabled():  # FlexAttention would torch.compile a CPU kernel per sequence length
+                return Gemma2DotProductAttention.forward(self, query, key, value, attention_mask,
+                                                         attn_mask_type=attn_mask_type, **kwargs)
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
+        bounds = packed_seq_params.cu_seqlens_q_padded
+        bounds = (bounds if bounds is not None else packed_seq_params.cu_seqlens_q).tolist()
+        if bounds[-1] < query.size(0):  # trailing padding: a sequence of its own
+            bounds.append(query.size(0))
+        outputs = [
+            Gemma2DotProductAttention.forward(self, *(x[a:b].unsqueeze(1) for x in (query, key, value)), None,
+                                              attn_mask_type=attn_mask_type)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        ]
+        return torch.cat(outputs, dim=0)
 
 
 def check_model(config) -> None:
@@ -131,8 +131,6 @@ def check_model(config) -> None:
 
 def check_provider(model) -> None:
     """``check_model`` for a model provider on its own."""
-    from megatron.bridge.models.olmoe.olmoe_provider import OlMoEModelProvider
-
     if isinstance(model, OlMoEModelProvider) and model.tensor_model_parallel_size > 1:
         # Bridge's OLMoE attention normalises q and k over all heads, which a tensor-parallel rank does not hold.
         raise UnsupportedModelError(

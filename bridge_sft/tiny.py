@@ -86,12 +86,14 @@ DEEPSEEK_TEMPLATE = (
 )
 
 # GLM-4.5: [gMASK]<sop>, then <|role|>\n turns; an answer has no end token of its own (generation stops
-# at the next role token), so the template marks what is trained with {% generation %}.
+# at the next role token, <|user|>), so the template marks what is trained with {% generation %}, and
+# a conversation that ends with an answer ends with the <|user|> that stops it (as trl's training variant).
 GLM_TEMPLATE = (
     "[gMASK]<sop>"
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|user|>{% endgeneration %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}"
+    "{% if loop.last %}<|user|>{% endif %}{% endgeneration %}"
     "{% else %}{{ message['content'] }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

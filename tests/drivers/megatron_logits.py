@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from bridge_sft import cpu
+from bridge_sft import runtime
 
-cpu.maybe_enable()
+runtime.maybe_enable()
 
 from megatron.bridge import AutoBridge  # noqa: E402
 from megatron.bridge.training.model_load_save import temporary_distributed_context  # noqa: E402
