@@ -65,6 +65,13 @@ def check_config(config: ConfigContainer) -> None:
             "holds seq_length tokens of several samples. Set train.micro_batch_size=1 (raise "
             "train.global_batch_size instead), or packing=false."
         )
+    if (getattr(config.model, "pipeline_model_parallel_size", 1) > 1 and not getattr(config.dataset, "packing", True)
+            and getattr(config.dataset, "padding", None) == "longest"
+            and not getattr(config.model, "variable_seq_lengths", False)):
+        raise ValueError(
+            "dataset.padding='longest' gives micro-batches of different lengths, which pipeline stages can only "
+            "exchange with model.variable_seq_lengths=True. Set it, or dataset.padding=seq_length."
+        )
     data_seq_length = getattr(config.dataset, "seq_length", None)
     if data_seq_length is not None and data_seq_length != config.model.seq_length:
         raise ValueError(

@@ -79,6 +79,7 @@ class EncodeOptions:
     empty_think: str = "mask"
     truncation: str = "truncate"
     on_bad_record: str = "error"
+    system_prompt: str | None = None  # put first in conversations without a system message
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -93,6 +94,8 @@ class EncodeOptions:
             raise DataError(f"on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, not {self.on_bad_record!r}")
         if not isinstance(self.seq_length, int) or self.seq_length < 1:
             raise DataError(f"seq_length must be a positive integer, not {self.seq_length!r}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise DataError(f"system_prompt must be a string, not {type(self.system_prompt).__name__}")
 
 
 @dataclass
@@ -250,12 +253,18 @@ def _encode_chunk(
         try:
             record = parse_raw(raw, chunk.source, index)
             convs.append((index, to_conversation(record, chunk.fmt, options.columns,
-                                                 require_assistant=options.train_on != "all")))
+                                                 require_assistant=options.train_on != "all",
+                                                 system_prompt=options.system_prompt)))
         except RecordError as exc:
             if bad(exc.reason, where, exc.detail, fix_skip):
                 return result
+        except DataError:
+            raise
+        except Exception as exc:  # a case the checks above do not know: still this record's error
+            if bad("unexpected_error", where, _unexpected(exc), fix_skip):
+                return result
     ids_out, mask_out, lengths, origins = [], [], [], []
-    for (index, _), encoded in zip(convs, encoder.encode_many([c for _, c in convs])):
+    for (index, _), encoded in zip(convs, _encode_guarded(encoder, [c for _, c in convs])):
         where = location(chunk.source, index)
         if isinstance(encoded, RecordError):
             if bad(encoded.reason, where, encoded.detail, fix_skip):
@@ -297,6 +306,40 @@ def _encode_chunk(
         result.lengths = np.asarray(lengths, dtype=np.int64)
         result.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
     return result
+
+
+def _unexpected(exc: BaseException) -> str:
+    text = str(exc)
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return (f"unexpected {type(exc).__name__} while reading this record ({text}); please report it with the "
+            "record")
+
+
+def _encode_guarded(encoder: ChatEncoder, convs: list[Conversation]) -> list:
+    """``encoder.encode_many``; if it raises anything but a ``DataError`` (a tokenizer panic on odd
+    text ...), each conversation is encoded alone so that only the culprits get a
+    ``RecordError("unexpected_error")``. No input makes the whole run end in a traceback."""
+    try:
+        return encoder.encode_many(convs)
+    except DataError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # pyo3's PanicException derives from BaseException
+        pass
+    out = []
+    for conv in convs:
+        try:
+            out.append(encoder.encode(conv))
+        except RecordError as exc:
+            out.append(exc)
+        except DataError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            out.append(RecordError("unexpected_error", _unexpected(exc)))
+    return out
 
 
 # --------------------------------------------------------------------------- reading
