@@ -26,54 +26,19 @@ This module imports torch, not megatron.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
 
 from bridge_sft.data.cache import PreparedData
 from bridge_sft.data.formats import DataError
-from bridge_sft.data.mixing import SOURCE_ID, MixturePlan
+from bridge_sft.data.mixing import SOURCE_ID, EpochOrder, MixturePlan  # noqa: F401  (EpochOrder: re-exported)
 from bridge_sft.data.packing import PackPlan, slots_needed
 
 logger = logging.getLogger(__name__)
 
 PACKED_KEYS = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
-
-
-class EpochOrder:
-    """Dataset index -> item index, over as many shuffled epochs as ``num_samples`` needs."""
-
-    def __init__(self, num_items: int, num_samples: int | None, seed: int | tuple[int, ...], shuffle: bool):
-        self.num_items = num_items
-        self.num_samples = num_items if num_samples is None else int(num_samples)
-        self.seed = seed
-        self.shuffle = shuffle
-        self._perms: dict[int, np.ndarray] = {}
-        if self.num_samples and not num_items:
-            raise DataError(f"{self.num_samples} samples were asked for, but the split has no data")
-
-    @property
-    def epochs(self) -> float:
-        return self.num_samples / self.num_items if self.num_items else 0.0
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            if self.shuffle:
-                seed = list(self.seed) if isinstance(self.seed, tuple) else [self.seed]
-                perm = np.random.default_rng([*seed, epoch]).permutation(self.num_items)
-            else:
-                perm = np.arange(self.num_items)
-            if len(self._perms) >= 2:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = perm
-        return perm
-
-    def __call__(self, index: int) -> int:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        epoch, j = divmod(index, self.num_items)
-        return int(self.permutation(epoch)[j])
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -160,6 +125,15 @@ class SFTDataset(torch.utils.data.Dataset):
             else:
                 out[key] = torch.stack([item[key] for item in batch])
         return out
+
+
+def padding_multiple(pad_to_multiple: int, *, tensor_parallel: int = 1, context_parallel: int = 1,
+                     pad_seq_to_mult: int = 1) -> int:
+    """Rows of a dynamically padded micro-batch are a multiple of this: ``pad_to_multiple``, and what the
+    run's parallelism needs (context parallelism splits a row into 2 x CP chunks; sequence parallelism
+    splits it over the TP ranks, taken even without SP: 64 already is a multiple of usual TP sizes)."""
+    return math.lcm(pad_to_multiple, pad_seq_to_mult, 2 * context_parallel if context_parallel > 1 else 1,
+                    tensor_parallel)
 
 
 class PackedSFTDataset(torch.utils.data.Dataset):

@@ -465,11 +465,11 @@ def _check_text_encoding(path: str, head: bytes) -> None:
                         f"iconv -f UTF-16LE -t UTF-8 {path} > converted{Path(path).suffix}")
 
 
-def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+def _not_utf8(path: str, data: bytes, exc: UnicodeDecodeError) -> str:
     column = len(data[: exc.start].decode("utf-8", errors="replace")) + 1
     return (f"the text is not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); the file is probably "
             "in another encoding (Latin-1, Windows-1252 ...): convert it to UTF-8, e.g. iconv -f WINDOWS-1252 "
-            "-t UTF-8 in.jsonl > out.jsonl")
+            f"-t UTF-8 {path} > converted{Path(path).suffix}")
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
@@ -481,7 +481,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
             try:
                 line = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield lineno, BadLine("not_utf8", _not_utf8(data, exc))
+                yield lineno, BadLine("not_utf8", _not_utf8(path, data, exc))
                 continue
             if line.strip():
                 yield lineno, line
@@ -576,7 +576,7 @@ def _iter_json(path: str) -> Iterator[tuple[int, Any]]:
         lineno = raw.count(b"\n", 0, exc.start) + 1
         line = raw[line_start: raw.find(b"\n", exc.start) if b"\n" in raw[exc.start:] else len(raw)]
         shifted = UnicodeDecodeError(exc.encoding, line, exc.start - line_start, exc.end - line_start, exc.reason)
-        raise DataError(f"{path}:{lineno}: {_not_utf8(line, shifted)}") from None
+        raise DataError(f"{path}:{lineno}: {_not_utf8(path, line, shifted)}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

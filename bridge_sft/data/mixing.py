@@ -198,6 +198,43 @@ def _unique_names(specs: list[SourceSpec]) -> list[SourceSpec]:
 # --------------------------------------------------------------------------- the stream
 
 
+class EpochOrder:
+    """Dataset index -> item index, over as many shuffled epochs as ``num_samples`` needs."""
+
+    def __init__(self, num_items: int, num_samples: int | None, seed: int | tuple[int, ...], shuffle: bool):
+        self.num_items = num_items
+        self.num_samples = num_items if num_samples is None else int(num_samples)
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: dict[int, np.ndarray] = {}
+        if self.num_samples and not num_items:
+            raise DataError(f"{self.num_samples} samples were asked for, but the split has no data")
+
+    @property
+    def epochs(self) -> float:
+        return self.num_samples / self.num_items if self.num_items else 0.0
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if self.shuffle:
+                seed = list(self.seed) if isinstance(self.seed, tuple) else [self.seed]
+                perm = np.random.default_rng([*seed, epoch]).permutation(self.num_items)
+            else:
+                perm = np.arange(self.num_items)
+            if len(self._perms) >= 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = perm
+        return perm
+
+    def __call__(self, index: int) -> int:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        epoch, j = divmod(index, self.num_items)
+        return int(self.permutation(epoch)[j])
+
+
+
 def supervised_per_sample(data) -> np.ndarray:
     """Supervised labels of each sample of a ``PreparedData`` (int64 [num_samples]): its
     ``loss_mask`` summed without position 0, which is never a label."""
@@ -218,7 +255,8 @@ class SourceItems:
     tokens: np.ndarray
 
 
-def source_items(data, indices: np.ndarray, seq_length: int, packing: bool, pad_seq_to_mult: int = 1) -> SourceItems:
+def source_items(data, indices: np.ndarray, seq_length: int, packing: bool,
+                 pad_seq_to_mult: int = 1) -> SourceItems:
     """Items of the samples ``indices`` of ``data``: best-fit-decreasing packs of ``seq_length``
     slots (positions in the plan index ``indices``), or the samples themselves."""
     indices = np.asarray(indices, dtype=np.int64)
@@ -367,13 +405,13 @@ def add_source_losses(loss_func: Callable, loss_mask, source_id, dataset_config:
 
 
 def format_mixture(split: str, names: Sequence[str], plan: MixturePlan, stats: Sequence[dict[str, int]],
-                   items_per_epoch: Sequence[int], packed: bool) -> str:
+                   items_per_epoch: Sequence[int], packed: bool, planned: str = "what Bridge asks for") -> str:
     """The per-source table of a mixed split: records, samples, supervised tokens of each source,
     and over the planned run the share asked vs drawn and the epochs covered."""
     unit = "samples" if plan.mix_by == "samples" else "supervised tokens"
     items = "packs" if packed else "samples"
     lines = [f"{split} mixture: {len(names)} sources, weights count {unit}; {len(plan.source):,} {items} planned "
-             f"(what Bridge asks for)"]
+             f"({planned})"]
     header = ("source", "records", "samples", "supervised tokens", "asked", "drawn", "epochs")
     rows = []
     drawn = plan.drawn_shares()

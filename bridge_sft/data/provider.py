@@ -16,7 +16,6 @@ All fields are plain values, so the config can be written to YAML.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from bridge_sft.data.datasets import (  # noqa: E402
     PackedSFTDataset,
     SFTDataset,
     packed_real_tokens,
+    padding_multiple,
     plan_packs,
 )
 from bridge_sft.data.formats import DataError  # noqa: E402
@@ -243,11 +243,8 @@ class SFTDatasetProvider(DatasetProvider):
         return datasets["train"], datasets["validation"], datasets["test"]
 
     def _pad_multiple(self, context: DatasetBuildContext) -> int | None:
-        """Rows of a dynamically padded micro-batch are a multiple of this (None: pad to seq_length).
-
-        ``pad_to_multiple``, and what the run's parallelism needs: context parallelism splits a
-        row into 2 x CP chunks, sequence parallelism splits it over the TP ranks (TP is taken
-        even without SP: a multiple of 64 already is one for usual sizes)."""
+        """Rows of a dynamically padded micro-batch are a multiple of this (None: pad to seq_length),
+        from the run's tensor- and context-parallel groups (``datasets.padding_multiple``)."""
         if self.packing or self.padding == "seq_length":
             return None
         tp = cp = 1
@@ -255,7 +252,8 @@ class SFTDatasetProvider(DatasetProvider):
         if groups is not None:
             tp = groups.tp.size() if getattr(groups, "tp", None) is not None else 1
             cp = groups.cp.size() if getattr(groups, "cp", None) is not None else 1
-        return math.lcm(self.pad_to_multiple, self.pad_seq_to_mult, 2 * cp if cp > 1 else 1, tp)
+        return padding_multiple(self.pad_to_multiple, tensor_parallel=tp, context_parallel=cp,
+                                pad_seq_to_mult=self.pad_seq_to_mult)
 
     def _dataset(self, data: PreparedData, indices: np.ndarray, num_samples: int | None, name: str, seed,
                  pad_multiple: int | None):

@@ -113,8 +113,11 @@ def sft(
     model.context_parallel_size = context_parallel
     model.sequence_parallel = sequence_parallel
     model.pipeline_dtype = torch.bfloat16 if pipeline_parallel > 1 and precision == "bf16-mixed" else None
-    # Micro-batches of different lengths: pipeline stages exchange tensor shapes (as Bridge does for in-batch packing).
-    model.variable_seq_lengths = pipeline_parallel > 1 and not packing and padding == "longest"
+    # Micro-batches of different lengths (dynamic padding): pipeline stages must exchange tensor shapes. Bridge's
+    # provider turns model.variable_seq_lengths on when it finalizes with PP > 1 and this flag (its in-batch
+    # packing's), after megatron-core's own checks, which reject variable lengths with the default MoE dispatcher
+    # even for dense models; setting variable_seq_lengths here would trip that check.
+    model._enable_in_batch_packing = not packing and padding == "longest"
     if precision == "fp32":
         model.bf16, model.fp16, model.params_dtype = False, False, torch.float32
 
