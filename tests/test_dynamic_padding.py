@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import run_python, run_torchrun
+from launch import run_data_driver
 
 from bridge_sft.data.cache import EncodeOptions, prepare
 from bridge_sft.data.datasets import SFTDataset, padding_multiple
@@ -65,21 +65,6 @@ def _run(tmp_path, name, hf, data, padding, pp=1) -> dict:
             f"pipeline_parallel={pp}", "checkpoint.save=null"]
     results = run_data_driver(tmp_path, name, {"recipe": "tiny", "args": args, "hash_items": 0}, nproc=pp)
     return next(r for r in results if r["losses"])  # the last pipeline stage
-
-
-def run_data_driver(tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> list[dict]:
-    """Run tests/drivers/data_run.py with ``spec``; the result of each rank (its stdout as ``stdout``)."""
-    spec = {"out": str(tmp_path / name), **spec}
-    spec_path = tmp_path / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    proc = run_python("data_run.py", spec_path) if nproc == 1 else run_torchrun("data_run.py", spec_path, nproc=nproc)
-    results = []
-    for rank in range(nproc):
-        result = json.loads((tmp_path / f"{name}.{rank}.json").read_text())
-        result["losses"] = {int(k): v for k, v in result["losses"].items()}
-        result["stdout"] = proc.stdout
-        results.append(result)
-    return results
 
 
 @pytest.mark.slow

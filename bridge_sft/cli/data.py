@@ -181,21 +181,11 @@ def _show(where: str, ids: list[int], mask: list[int], tokenizer, color: bool) -
 
 
 def run_prepare(args) -> int:
-    import dataclasses
-
     import numpy as np
 
     from bridge_sft.data.cache import format_summary, prepare
     from bridge_sft.data.formats import DataError
-    from bridge_sft.data.mixing import (
-        EpochOrder,
-        format_mixture,
-        is_mixture,
-        mixture_weights,
-        parse_sources,
-        plan_mixture,
-        source_items,
-    )
+    from bridge_sft.data.mixing import format_mixture, is_mixture, parse_sources, plan_sources, source_options
     from bridge_sft.data.packing import packing_efficiency
 
     if args.seq_length < 1:
@@ -210,15 +200,13 @@ def run_prepare(args) -> int:
     packing = not args.no_packing
     try:
         specs = parse_sources(args.files)
-        prepared, items = [], []
+        prepared = []
         for spec in specs:
-            spec_options = dataclasses.replace(
-                options, format=spec.format or options.format, columns=spec.columns or options.columns,
-                train_on=spec.train_on or options.train_on, system_prompt=spec.system_prompt or options.system_prompt)
-            data = prepare(list(spec.paths), spec_options, cache_dir=args.cache_dir, num_proc=args.num_proc,
-                           progress=not args.no_progress)
-            prepared.append(data)
-            items.append(source_items(data, np.arange(len(data)), args.seq_length, packing, args.pad_seq_to_mult))
+            prepared.append(prepare(list(spec.paths), source_options(options, spec), cache_dir=args.cache_dir,
+                                    num_proc=args.num_proc, progress=not args.no_progress))
+        items, plan = plan_sources(specs, prepared, seq_length=args.seq_length, packing=packing,
+                                   pad_seq_to_mult=args.pad_seq_to_mult, mix_by=args.mix_by,
+                                   num_items=args.train_samples if is_mixture(specs) else 1, seed=args.seed)
     except DataError as exc:
         raise UserError(str(exc)) from None
     for spec, data, item in zip(specs, prepared, items):
@@ -235,13 +223,6 @@ def run_prepare(args) -> int:
             print(f"source {spec.name}:")
         print(format_summary(summary))
     if is_mixture(specs):
-        num_items = args.train_samples or sum(len(item.samples) for item in items)
-        orders = [EpochOrder(len(item.samples), None, (args.seed, i + 1), True) for i, item in enumerate(items)]
-        try:
-            plan = plan_mixture([o.permutation for o in orders], [i.samples for i in items], [i.tokens for i in items],
-                                mixture_weights(specs, items, args.mix_by), num_items, args.mix_by)
-        except DataError as exc:
-            raise UserError(str(exc)) from None
         stats = [{"records": int(d.summary["records"]), "samples": len(d), "supervised_tokens": int(i.tokens.sum())}
                  for d, i in zip(prepared, items)]
         print(format_mixture("train", [s.name for s in specs], plan, stats, [len(i.samples) for i in items],

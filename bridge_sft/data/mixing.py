@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,7 +102,7 @@ def parse_sources(data: Any) -> list[SourceSpec]:
         raise DataError(f"data: source(s) {', '.join(missing)} have no weight; give every source a weight "
                         "(path:0.7) or epochs (path:2x), or none of them (each source once per round)")
     if not any(weighted) and not any(with_epochs):
-        specs = [_replace(s, epochs=1.0) for s in specs]
+        specs = [replace(s, epochs=1.0) for s in specs]
     return _unique_names(specs)
 
 
@@ -110,10 +110,13 @@ def is_mixture(specs: Sequence[SourceSpec]) -> bool:
     return len(specs) > 1
 
 
-def _replace(spec: SourceSpec, **changes) -> SourceSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)
+def source_options(options, spec: SourceSpec | None):
+    """A source's ``EncodeOptions``: its own format/columns/train_on/system prompt over ``options``."""
+    if spec is None:
+        return options
+    return replace(options, format=spec.format or options.format, columns=spec.columns or options.columns,
+                   train_on=spec.train_on or options.train_on,
+                   system_prompt=spec.system_prompt or options.system_prompt)
 
 
 def _entry(entry: Any, i: int) -> SourceSpec:
@@ -188,7 +191,7 @@ def _unique_names(specs: list[SourceSpec]) -> list[SourceSpec]:
     for spec in specs:
         name = re.sub(r"[^\w.\-]+", "_", spec.name).strip("_") or "data"
         seen[name] = seen.get(name, 0) + 1
-        out.append(_replace(spec, name=name if seen[name] == 1 else f"{name}-{seen[name]}"))
+        out.append(replace(spec, name=name if seen[name] == 1 else f"{name}-{seen[name]}"))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise DataError(f"data: source names must differ ({', '.join(names)}); give each a 'name'")
@@ -275,7 +278,7 @@ def mixture_weights(specs: Sequence[SourceSpec], items: Sequence[SourceItems], m
     out = []
     for spec, item in zip(specs, items):
         size = int(item.samples.sum() if mix_by == "samples" else item.tokens.sum())
-        out.append(spec.weight if spec.weight is not None else spec.epochs * size)
+        out.append(spec.weight if spec.weight is not None else (spec.epochs or 1.0) * size)
     return out
 
 
@@ -356,6 +359,20 @@ def plan_mixture(
     samples = np.array([int(np.asarray(item_samples[i])[streams[i][:draws[i]]].sum()) for i in range(k)])
     tokens = np.array([int(np.asarray(item_tokens[i])[streams[i][:draws[i]]].sum()) for i in range(k)])
     return MixturePlan(owner[order], position, draws, samples, tokens, w, mix_by)
+
+
+def plan_sources(specs: Sequence[SourceSpec], prepared: Sequence, *, seq_length: int, packing: bool,
+                 pad_seq_to_mult: int = 1, mix_by: str = "samples", num_items: int | None = None,
+                 seed: int = 1234) -> tuple[list[SourceItems], MixturePlan]:
+    """The training mixture of whole prepared sources, as a provider with this ``seed`` would shuffle
+    it (``bridge-sft data prepare`` and the benchmarks show it): each source's items and the plan of
+    ``num_items`` items (default: as many as the sources hold together)."""
+    items = [source_items(data, np.arange(len(data)), seq_length, packing, pad_seq_to_mult) for data in prepared]
+    orders = [EpochOrder(len(item.samples), None, (seed, i + 1), True) for i, item in enumerate(items)]
+    num_items = num_items if num_items is not None else sum(len(item.samples) for item in items)
+    plan = plan_mixture([o.permutation for o in orders], [i.samples for i in items], [i.tokens for i in items],
+                        mixture_weights(specs, items, mix_by), num_items, mix_by)
+    return items, plan
 
 
 def _stream(permutation: Callable[[int], np.ndarray], num_items: int, n: int) -> np.ndarray:

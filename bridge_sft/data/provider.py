@@ -47,6 +47,7 @@ from bridge_sft.data.mixing import (  # noqa: E402
     parse_sources,
     plan_mixture,
     source_items,
+    source_options,
 )
 from bridge_sft.data.packing import packing_efficiency  # noqa: E402
 
@@ -160,19 +161,19 @@ class SFTDatasetProvider(DatasetProvider):
 
     def encode_options(self, spec: SourceSpec | None = None) -> EncodeOptions:
         """Encoding options of a source (its own format/columns/train_on/system prompt, else the provider's)."""
-        return EncodeOptions(
+        return source_options(EncodeOptions(
             tokenizer_path=str(self.tokenizer_path),
             seq_length=self.seq_length,
-            train_on=spec.train_on if spec and spec.train_on else self.train_on,
-            format=spec.format if spec and spec.format else self.format,
-            columns=dict(spec.columns) if spec and spec.columns else dict(self.columns) if self.columns else None,
+            train_on=self.train_on,
+            format=self.format,
+            columns=dict(self.columns) if self.columns else None,
             chat_template=self.chat_template,
             template_kwargs=dict(self.template_kwargs) if self.template_kwargs else None,
             empty_think=self.empty_think,
             truncation=self.truncation,
             on_bad_record=self.on_bad_record,
-            system_prompt=spec.system_prompt if spec and spec.system_prompt else self.system_prompt,
-        )
+            system_prompt=self.system_prompt,
+        ), spec)
 
     def prepare(self, paths: Any, spec: SourceSpec | None = None) -> PreparedData | list[PreparedData]:
         """Encode ``paths`` (cached): a ``PreparedData``, or one per source when ``paths`` is a mixture
