@@ -85,12 +85,13 @@ def efficiency_rows(quick: bool, tmp: Path) -> list[dict]:
 # --------------------------------------------------------------------------- 2. step time
 
 
-class PadToSeqLength:
-    """Data iterator wrapper: the micro-batch padded to ``seq_length`` columns (pad id, ``loss_mask`` 0,
-    positions continuing), as ``SFTDataset(pad_to_multiple=None)`` would have built it."""
+class Batches:
+    """Data iterator wrapper: remembers each micro-batch's width; with ``pad_to``, pads the micro-batch to
+    that many columns (pad id, ``loss_mask`` 0, positions continuing), as ``SFTDataset(pad_to_multiple=None)``
+    would have built it."""
 
-    def __init__(self, iterator, seq_length: int, pad_id: int):
-        self.iterator, self.seq_length, self.pad_id = iterator, seq_length, pad_id
+    def __init__(self, iterator, pad_to: int | None, pad_id: int):
+        self.iterator, self.pad_to, self.pad_id, self.width = iterator, pad_to, pad_id, None
 
     def __iter__(self):
         return self
@@ -100,10 +101,12 @@ class PadToSeqLength:
 
         batch = dict(next(self.iterator))
         rows, width = batch["tokens"].shape
-        extra = self.seq_length - width
-        for key, fill in (("tokens", self.pad_id), ("labels", self.pad_id), ("loss_mask", 0)):
-            batch[key] = torch.cat([batch[key], torch.full((rows, extra), fill, dtype=batch[key].dtype)], dim=1)
-        batch["position_ids"] = torch.arange(self.seq_length).expand(rows, self.seq_length).clone()
+        if self.pad_to is not None:
+            extra = self.pad_to - width
+            for key, fill in (("tokens", self.pad_id), ("labels", self.pad_id), ("loss_mask", 0)):
+                batch[key] = torch.cat([batch[key], torch.full((rows, extra), fill, dtype=batch[key].dtype)], dim=1)
+            batch["position_ids"] = torch.arange(self.pad_to).expand(rows, self.pad_to).clone()
+        self.width = int(batch["tokens"].shape[1])
         return batch
 
 
@@ -127,37 +130,23 @@ def _worker(spec_path: str) -> None:
 
     def step(state, data_iterator, model, return_schedule_plan=False):
         iteration = state.train_state.step
-        if kind_of_iteration(iteration) != OURS:  # the padded iteration of the pair
-            data_iterator = PadToSeqLength(data_iterator, 256, spec["pad_id"])
-        tee = _Tee(data_iterator)
-        out = forward_step(state, tee, model, return_schedule_plan)
-        widths.setdefault(iteration, []).append(int(tee.last["tokens"].shape[1]))
+        padded = kind_of_iteration(iteration) != OURS  # the padded iteration of the pair
+        batches = Batches(data_iterator, 256 if padded else None, spec["pad_id"])
+        out = forward_step(state, batches, model, return_schedule_plan)
+        widths.setdefault(iteration, []).append(batches.width)
         return out
 
     recorder = _iteration_recorder_class()()
     totals = train.run(config, device="cpu", callbacks=[recorder], forward_step_func=step)
-    for record in recorder.records:
-        record["kind"] = DYNAMIC if record["kind"] == OURS else PADDED
+    for record in recorder.records:  # kind: step_overhead's OURS = dynamic, BRIDGE = padded
         record["slots"] = 4 * sum(widths[record["iteration"]])
     Path(spec["out"]).write_text(json.dumps({"records": recorder.records, "totals": totals}))
-
-
-class _Tee:
-    def __init__(self, iterator):
-        self.iterator, self.last = iterator, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.last = next(self.iterator)
-        return self.last
 
 
 def step_time_rows(quick: bool, tmp: Path, warmup: int = 4) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from benchmarks.step_overhead import _quantiles, median_ci95
+    from benchmarks.step_overhead import OURS, _quantiles, median_ci95, pair_ratios
     from bridge_sft.tiny import build_tiny_model
 
     iters = 40 if quick else 80
@@ -173,15 +162,11 @@ def step_time_rows(quick: bool, tmp: Path, warmup: int = 4) -> list[dict]:
     if proc.returncode != 0:
         raise RuntimeError(f"dynamic_padding worker failed:\n{proc.stdout[-4000:]}")
     records = json.loads(Path(spec["out"]).read_text())["records"]
-    by_iteration = {r["iteration"]: r for r in records if not r["skipped"]}
-    ratios, loss_diffs = [], []
-    for first in range(warmup + warmup % 2, max(by_iteration) + 1, 2):
-        pair = [by_iteration.get(first), by_iteration.get(first + 1)]
-        if None in pair:
-            continue
-        times = {r["kind"]: r["seconds"] for r in pair}
-        ratios.append(times[PADDED] / times[DYNAMIC])
-        loss_diffs.append(abs(pair[0]["loss"] - pair[1]["loss"]) / abs(pair[0]["loss"]))
+    for record in records:
+        record["kind"] = DYNAMIC if record["kind"] == OURS else PADDED
+    ratios = [1.0 / r for r in pair_ratios(records, warmup, ours=DYNAMIC, baseline=PADDED)]  # padded / dynamic
+    losses = {r["iteration"]: r["loss"] for r in records}
+    loss_diffs = [abs(losses[i] - losses[i + 1]) / abs(losses[i]) for i in range(0, max(losses), 2) if i + 1 in losses]
     timed = [r for r in records if r["iteration"] >= warmup]
     slots = {k: sum(r["slots"] for r in timed if r["kind"] == k) for k in (DYNAMIC, PADDED)}
     p25, median, p75 = _quantiles(ratios)

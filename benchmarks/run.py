@@ -178,7 +178,8 @@ def _summary_dynamic_padding(rows: list[dict]) -> list[dict]:
             out.append(_line("dynamic padding", f"seconds per iteration ({r['model']}, {r['pairs']} pairs, 95% CI "
                              f"{r['ratio_ci95_low']:.3f}-{r['ratio_ci95_high']:.3f})", "padding longest",
                              "pad to seq_length", r["speedup (padded/dynamic)"],
-                             f"padded / ours (>1: ours faster); pair losses equal to {r['max_pair_loss_rel_diff']:.1e}"))
+                             f"padded / ours (>1: ours faster); pair losses differ by "
+                             f"{r['max_pair_loss_rel_diff']:.1e}"))
     return out
 
 

@@ -65,10 +65,10 @@ def check_config(config: ConfigContainer) -> None:
             "holds seq_length tokens of several samples. Set train.micro_batch_size=1 (raise "
             "train.global_batch_size instead), or packing=false."
         )
-    if (getattr(config.model, "pipeline_model_parallel_size", 1) > 1 and not getattr(config.dataset, "packing", True)
-            and getattr(config.dataset, "padding", None) == "longest" and not getattr(config.model, "variable_seq_lengths",
-                                                                                     False)
-            and not getattr(config.model, "_enable_in_batch_packing", False)):  # see recipes/sft.py
+    model, dataset = config.model, config.dataset
+    if (getattr(model, "pipeline_model_parallel_size", 1) > 1 and not getattr(dataset, "packing", True)
+            and getattr(dataset, "padding", None) == "longest" and not getattr(model, "variable_seq_lengths", False)
+            and not getattr(model, "_enable_in_batch_packing", False)):  # see recipes/sft.py
         raise ValueError(
             "dataset.padding='longest' gives micro-batches of different lengths, which pipeline stages can only "
             "exchange with variable sequence lengths: give packing=false as a recipe argument (it turns them on), "

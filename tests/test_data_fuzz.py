@@ -226,7 +226,6 @@ def _readable_line(piece: bytes) -> bool:
 
 def test_random_mutations_of_valid_records(tmp_path, qwen3):
     outcomes = _check_each_line(tmp_path, qwen3, _mutations(seed=0, count=300))
-    print(outcomes)
     assert outcomes["record error"] > 100 and outcomes["sample"] > 10, outcomes  # both paths exercised
 
 

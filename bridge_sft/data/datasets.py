@@ -257,8 +257,8 @@ class MixedDataset(torch.utils.data.Dataset):
 
     ``datasets[i]`` must serve at least ``plan.draws[i]`` items in the order the plan was
     made with (same ``EpochOrder``). Each item gets ``source_id`` (int64 scalar: the
-    source's index in ``names``; unless ``with_source_id=False``); ``collate_fn`` is the sources' (they are all packed or
-    all unpacked) and stacks ``source_id`` into ``[b]``.
+    source's index in ``names``; unless ``with_source_id=False``); ``collate_fn`` is the
+    sources' (they are all packed or all unpacked) and stacks ``source_id`` into ``[b]``.
     """
 
     def __init__(self, datasets: Sequence[torch.utils.data.Dataset], plan: MixturePlan, names: Sequence[str],
