@@ -258,12 +258,13 @@ class SourceItems:
     tokens: np.ndarray
 
 
-def source_items(data, indices: np.ndarray, seq_length: int, packing: bool,
-                 pad_seq_to_mult: int = 1) -> SourceItems:
+def source_items(data, indices: np.ndarray, seq_length: int, packing: bool, pad_seq_to_mult: int = 1,
+                 supervised: np.ndarray | None = None) -> SourceItems:
     """Items of the samples ``indices`` of ``data``: best-fit-decreasing packs of ``seq_length``
-    slots (positions in the plan index ``indices``), or the samples themselves."""
+    slots (positions in the plan index ``indices``), or the samples themselves. ``supervised``:
+    ``supervised_per_sample(data)`` if already computed (it reads every loss mask)."""
     indices = np.asarray(indices, dtype=np.int64)
-    supervised = supervised_per_sample(data)[indices]
+    supervised = (supervised if supervised is not None else supervised_per_sample(data))[indices]
     if not packing:
         return SourceItems(None, np.ones(len(indices), dtype=np.int64), supervised)
     packs = pack_best_fit(slots_needed(data.lengths[indices], pad_seq_to_mult), seq_length)

@@ -48,6 +48,7 @@ from bridge_sft.data.mixing import (  # noqa: E402
     plan_mixture,
     source_items,
     source_options,
+    supervised_per_sample,
 )
 from bridge_sft.data.packing import packing_efficiency  # noqa: E402
 
@@ -302,8 +303,9 @@ class SFTDatasetProvider(DatasetProvider):
             if not len(splits["train"][-1][1]):
                 raise DataError(f"source {spec.name}: the training split is empty")
 
-        items = {split: [source_items(data, idx, self.seq_length, self.packing, self.pad_seq_to_mult)
-                         for data, idx in splits[split]] for split in splits}
+        supervised = {id(data): supervised_per_sample(data) for split in splits.values() for data, _ in split}
+        items = {split: [source_items(data, idx, self.seq_length, self.packing, self.pad_seq_to_mult,
+                                      supervised[id(data)]) for data, idx in splits[split]] for split in splits}
         weights = mixture_weights(specs, items["train"], self.mix_by)
         loss_names = self.loss_source_names()
         if _rank() == 0:
