@@ -178,7 +178,7 @@ def test_resume_continues_the_stream_and_validation_reports_each_source(tmp_path
     recipe = tmp_path / "mix.yaml"
     recipe.write_text(yaml.safe_dump({"recipe": "tiny", "data": [
         f"{chat}:0.7", {"path": str(qa), "weight": 0.3, "format": "alpaca", "system_prompt": QA_SYSTEM}]}))
-    second = run_data_driver(tmp_path, "second", {"recipe": str(recipe), "args": common})[0]
+    second = run_data_driver(tmp_path, "second", {"recipe": str(recipe), "args": [*common, "checkpoint.save=null"]})[0]
 
     stream = first["items"]
     assert stream == second["items"] and len(stream) == 24  # the same stream, built twice

@@ -629,8 +629,6 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
             for row in batch.to_pylist():
                 yield index, row
                 index += 1
-    except (DataError, GeneratorExit):
-        raise
     except Exception as exc:  # a corrupt row group, an unsupported type ...
         raise DataError(f"{path}: cannot read the Parquet file after record {index} "
                         f"({type(exc).__name__}: {_clip(str(exc))})") from None
