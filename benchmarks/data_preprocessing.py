@@ -10,6 +10,10 @@ Methods (conversations/s and tokens/s; "supervised" counts labels with loss_mask
   no masks at all (the ceiling for anything that renders with the template);
 - ``bridge-sft``: ``bridge_sft.data.cache.prepare`` end to end (read, validate, encode with
   exact masks, truncation policy, arrays), in memory;
+- ``bridge-sft, two sources mixed``: the same dialogs as two sources (the first half as OpenAI
+  messages, the second as ShareGPT records, weights 0.7 / 0.3), each prepared with its own
+  format, then packed and the training mixture planned (``bridge_sft.data.mixing.plan_sources``,
+  as many items as the sources hold): what a mixed training run does before its first step;
 - all cores, on the dialogs repeated 4 times (2 with ``quick``) so that starting processes
   is amortised:
   Bridge's processing over a fork pool (how its dataloader workers would run it), and
@@ -58,6 +62,18 @@ def _data(quick: bool, tmp: Path) -> Path:
     path = tmp / "dialogs.jsonl"
     path.write_text("".join(source.read_text(encoding="utf-8").splitlines(True)[:500]), encoding="utf-8")
     return path
+
+
+def _two_sources(lines: list[str], tmp: Path) -> tuple[Path, Path]:
+    """The dialogs as two sources: the first half as they are (messages), the second as ShareGPT."""
+    half = len(lines) // 2
+    first, second = tmp / "source_messages.jsonl", tmp / "source_sharegpt.jsonl"
+    first.write_text("\n".join(lines[:half]) + "\n", encoding="utf-8")
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = [{"conversations": [{"from": names[m["role"]], "value": m["content"]}
+                                   for m in json.loads(line)["messages"]]} for line in lines[half:]]
+    second.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in sharegpt) + "\n", encoding="utf-8")
+    return first, second
 
 
 def _bridge_chunk(lines: list[str]) -> tuple[int, int]:
@@ -117,8 +133,19 @@ def run(quick: bool = False) -> list[dict]:
         def ours_pass():
             return prepare(str(path), options, num_proc=1, tokenizer=tokenizer, progress=False)
 
+        halves = _two_sources(lines, tmp)
+
+        def mixed_pass():
+            from bridge_sft.data.mixing import parse_sources, plan_sources, source_options
+
+            specs = parse_sources([f"{halves[0]}:0.7", {"path": str(halves[1]), "weight": 0.3, "format": "sharegpt"}])
+            prepared = [prepare(list(spec.paths), source_options(options, spec), num_proc=1, tokenizer=tokenizer,
+                                progress=False) for spec in specs]
+            items, plan = plan_sources(specs, prepared, seq_length=options.seq_length, packing=True)
+            return prepared, plan
+
         # The fast methods take the best of a few alternating passes (this machine is shared and noisy).
-        plain, ours_1 = float("inf"), float("inf")
+        plain, ours_1, mixed_1 = float("inf"), float("inf"), float("inf")
         for _ in range(2 if quick else 3):
             t0 = time.perf_counter()
             plain_tokens = plain_pass()
@@ -126,9 +153,16 @@ def run(quick: bool = False) -> list[dict]:
             t0 = time.perf_counter()
             ours = ours_pass()
             ours_1 = min(ours_1, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mixed, plan = mixed_pass()
+            mixed_1 = min(mixed_1, time.perf_counter() - t0)
         rows.append(_row("plain apply_chat_template (no masks)", 1, n, plain_tokens, 0, plain))
         s = ours.summary
         rows.append(_row("bridge-sft prepare", 1, n, s["tokens"], s["supervised_tokens"], ours_1))
+        rows.append(_row("bridge-sft prepare, two sources mixed (0.7/0.3, packed, planned)", 1,
+                         sum(d.summary["records"] for d in mixed), sum(d.summary["tokens"] for d in mixed),
+                         sum(d.summary["supervised_tokens"] for d in mixed), mixed_1,
+                         shares_drawn=[round(float(x), 4) for x in plan.drawn_shares()]))
 
         if cores > 1:
             repeat = 2 if quick else 4

@@ -17,6 +17,7 @@ never two training processes at a time. What the default run does:
 | useful-token efficiency | ``benchmarks/token_efficiency.py`` | full: bundled + full ChatterBot, and long versions |
 | step overhead | ``benchmarks/step_overhead.py`` | 2 processes x 48 interleaved iterations |
 | model families | ``benchmarks/families.py`` | ``quick``: 4 rotating rounds over every tiny family |
+| dynamic padding | ``benchmarks/dynamic_padding.py`` | ``quick``: bundled data, 40 interleaved iterations |
 
 ``--full`` runs every benchmark with ``quick=False`` (step overhead: 3 x 60).
 Results: ``results.md`` and ``results.json`` in ``--out-dir`` (default ``outputs/bench``);
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, tuple[str, dict, dict]] = {
     "token_efficiency": ("benchmarks.token_efficiency", {"quick": False}, {"quick": False}),
     "step_overhead": ("benchmarks.step_overhead", {"quick": True, "repeats": 2, "iters": 48}, {"quick": False}),
     "families": ("benchmarks.families", {"quick": True}, {"quick": False}),
+    "dynamic_padding": ("benchmarks.dynamic_padding", {"quick": True}, {"quick": False}),
 }
 
 _CHILD = """
@@ -170,6 +172,21 @@ def _summary_families(rows: list[dict]) -> list[dict]:
     return [_line("model families", f"step time, tiny {r['family']} ({r['rounds']} rotating rounds)",
                   f"{r['median_ms']:.1f} ms", "tiny llama", r["ratio_vs_llama"], "family / llama (same size)")
             for r in rows if r.get("family") not in (None, "llama")]
+def _summary_dynamic_padding(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if "gain" in r:
+            out.append(_line("dynamic padding", f"supervised tokens / slot, {r['data']}, seq {r['seq_length']}, "
+                             f"micro-batch {r['micro_batch_size']}", round(r["efficiency_dynamic"], 4),
+                             f"pad to seq_length ({r['efficiency_padded']:.4f})", r["gain"],
+                             "ours / padded (>1: fewer slots for the same supervised tokens)"))
+        elif r.get("summary"):
+            out.append(_line("dynamic padding", f"seconds per iteration ({r['model']}, {r['pairs']} pairs, 95% CI "
+                             f"{r['ratio_ci95_low']:.3f}-{r['ratio_ci95_high']:.3f})", "padding longest",
+                             "pad to seq_length", r["speedup (padded/dynamic)"],
+                             f"padded / ours (>1: ours faster); pair losses differ by "
+                             f"{r['max_pair_loss_rel_diff']:.1e}"))
+    return out
 
 
 SUMMARIES = {
@@ -179,6 +196,7 @@ SUMMARIES = {
     "packing_efficiency": _summary_packing_efficiency,
     "token_efficiency": _summary_token_efficiency,
     "step_overhead": _summary_step_overhead,
+    "dynamic_padding": _summary_dynamic_padding,
 }
 
 

@@ -211,8 +211,9 @@ def interleaved_run(config, device: str = "auto", time_budget_s: float | None = 
     return {"records": recorder.records, "totals": totals, "stopped_early": recorder.stopped_early}
 
 
-def pair_ratios(records: list[dict], warmup: int) -> list[float]:
-    """Our iteration time / Bridge's, for each complete pair of iterations after ``warmup`` iterations."""
+def pair_ratios(records: list[dict], warmup: int, ours: str = OURS, baseline: str = BRIDGE) -> list[float]:
+    """``ours`` iteration time / ``baseline``'s (record kinds), for each complete pair of iterations after
+    ``warmup`` iterations."""
     by_iteration = {r["iteration"]: r for r in records if not r["skipped"]}
     ratios = []
     for first in range(warmup + warmup % 2, max(by_iteration, default=-1) + 1, 2):
@@ -220,7 +221,7 @@ def pair_ratios(records: list[dict], warmup: int) -> list[float]:
         if None in pair:
             continue
         times = {r["kind"]: r["seconds"] for r in pair}
-        ratios.append(times[OURS] / times[BRIDGE])
+        ratios.append(times[ours] / times[baseline])
     return ratios
 
 

@@ -36,6 +36,7 @@ from megatron.core.utils import get_model_config
 
 from bridge_sft.batch import normalize_batch
 from bridge_sft.callbacks import count_tokens
+from bridge_sft.data.mixing import SOURCE_ID, add_source_losses
 
 
 class DataExhaustedError(RuntimeError):
@@ -49,6 +50,7 @@ class _SFTBatches:
         self._iterator = data_iterator
         self._state = state
         self._training = training
+        self.source_id = None  # the last batch's per-row data source (mixtures), for per-source losses
 
     def __iter__(self):
         return self
@@ -58,6 +60,7 @@ class _SFTBatches:
             batch = next(self._iterator)
         except StopIteration:
             raise DataExhaustedError(self._exhausted_message()) from None
+        self.source_id = batch.get(SOURCE_ID)
         return normalize_batch(batch)
 
     def _exhausted_message(self) -> str:
@@ -126,6 +129,8 @@ def forward_step(
         check_for_nan_in_loss=state.cfg.rerun_state_machine.check_for_nan_in_loss,
         check_for_spiky_loss=state.cfg.rerun_state_machine.check_for_spiky_loss,
     )
+    if not model.training:  # a validation loss per data source of a mixture, beside "lm loss"
+        loss_func = add_source_losses(loss_func, loss_mask, batches.source_id, state.cfg.dataset)
     if return_schedule_plan:  # MoE expert-parallel communication overlap
         plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
         return plan, loss_func

@@ -63,6 +63,15 @@ def check_config(config: ConfigContainer) -> None:
             "train.global_batch_size instead), or packing=false."
         )
     check_model(config)
+    model, dataset = config.model, config.dataset
+    if (getattr(model, "pipeline_model_parallel_size", 1) > 1 and not getattr(dataset, "packing", True)
+            and getattr(dataset, "padding", None) == "longest" and not getattr(model, "variable_seq_lengths", False)
+            and not getattr(model, "_enable_in_batch_packing", False)):  # see recipes/sft.py
+        raise ValueError(
+            "dataset.padding='longest' gives micro-batches of different lengths, which pipeline stages can only "
+            "exchange with variable sequence lengths: give packing=false as a recipe argument (it turns them on), "
+            "or set dataset.padding=seq_length."
+        )
     data_seq_length = getattr(config.dataset, "seq_length", None)
     if data_seq_length is not None and data_seq_length != config.model.seq_length:
         raise ValueError(

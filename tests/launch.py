@@ -84,3 +84,21 @@ def train_tiny(tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> dict:
     for key in ("losses", "val_losses"):
         result[key] = {int(k): v for k, v in result[key].items()}
     return result
+
+
+def run_data_driver(tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> list[dict]:
+    """Run tests/drivers/data_run.py with ``spec`` (see its docstring), under torchrun if ``nproc > 1``;
+    the result of each rank, with ``losses`` keyed by int and the run's output as ``stdout``."""
+    import json
+
+    spec = {"out": str(tmp_path / name), **spec}
+    spec_path = tmp_path / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = run_python("data_run.py", spec_path) if nproc == 1 else run_torchrun("data_run.py", spec_path, nproc=nproc)
+    results = []
+    for rank in range(nproc):
+        result = json.loads((tmp_path / f"{name}.{rank}.json").read_text())
+        result["losses"] = {int(k): v for k, v in result["losses"].items()}
+        result["stdout"] = proc.stdout
+        results.append(result)
+    return results

@@ -2,12 +2,17 @@
 
     bridge-sft data preview FILE --tokenizer DIR [-n 3] [--json]
     bridge-sft data prepare FILE... --tokenizer DIR --seq-length 2048 --cache-dir DIR
+    bridge-sft data prepare chat.jsonl:0.7 code.jsonl:0.3 --tokenizer DIR --seq-length 2048
 
 ``preview`` prints records with the supervised tokens highlighted (green, or
 between ``[[`` and ``]]`` when the output is not a terminal); ``--json`` prints
 ``{"input_ids": [...], "loss_mask": [...]}`` per record. ``prepare`` encodes
 the data into the cache a training run with the same settings will reuse, packs
-it, and prints the summary. Neither imports torch or megatron.
+it, and prints the summary; several sources with weights (``PATH:WEIGHT``) or
+epochs (``PATH:Nx``) are each encoded, and the mixture of ``--train-samples``
+items is planned and shown per source (see ``bridge_sft.data.mixing``). Neither
+imports torch or megatron. Bad data ends in one line naming the file, the
+line/record and the fix (exit 2), never in a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import sys
 
 from bridge_sft.cli import UserError
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("data", help="preview and prepare chat data", description=__doc__,
@@ -34,7 +40,8 @@ def add_parser(subparsers) -> None:
     preview.set_defaults(func=run_preview)
 
     prep = sub.add_parser("prepare", help="encode (and pack) data into the cache; print the summary")
-    prep.add_argument("files", nargs="+", help="data files/directories/hub ids")
+    prep.add_argument("files", nargs="+", help="data files/directories/hub ids (one source), or sources with "
+                                               "weights PATH:0.7 or epochs PATH:2x (a mixture)")
     _common(prep)
     prep.add_argument("--seq-length", type=int, required=True, help="tokens per sample/pack (the model's seq_length)")
     prep.add_argument("--cache-dir", default="data_cache",
@@ -45,6 +52,12 @@ def add_parser(subparsers) -> None:
     prep.add_argument("--truncation", choices=("split", "truncate", "drop", "error"), default="truncate")
     prep.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
     prep.add_argument("--num-proc", type=int, default=None, help="encoding processes (default: automatic)")
+    prep.add_argument("--seed", type=int, default=1234, help="shuffling seed (the provider's seed)")
+    prep.add_argument("--mix-by", choices=("samples", "tokens"), default="samples",
+                      help="what mixture weights count (default samples)")
+    prep.add_argument("--train-samples", type=int, default=None,
+                      help="items of the mixture to plan (train_iters x global_batch_size; default: as many as "
+                           "the sources hold together)")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=run_prepare)
 
@@ -60,6 +73,7 @@ def _common(parser) -> None:
                         help="template variable, VALUE parsed as JSON if it can be (enable_thinking=false)")
     parser.add_argument("--train-on", choices=("assistant", "last_assistant", "all"), default="assistant")
     parser.add_argument("--empty-think", choices=("mask", "train"), default="mask")
+    parser.add_argument("--system-prompt", default=None, help="system message for conversations without one")
 
 
 def _pairs(items: list[str], what: str, parse_json: bool = False) -> dict | None:
@@ -92,6 +106,7 @@ def _options(args, seq_length: int):
         empty_think=args.empty_think,
         truncation=getattr(args, "truncation", "truncate"),
         on_bad_record=getattr(args, "on_bad_record", "error"),
+        system_prompt=args.system_prompt,
     )
     try:
         options.validate()
@@ -170,7 +185,8 @@ def run_prepare(args) -> int:
 
     from bridge_sft.data.cache import format_summary, prepare
     from bridge_sft.data.formats import DataError
-    from bridge_sft.data.packing import pack_best_fit, packing_efficiency, slots_needed
+    from bridge_sft.data.mixing import format_mixture, is_mixture, parse_sources, plan_sources, source_options
+    from bridge_sft.data.packing import packing_efficiency
 
     if args.seq_length < 1:
         raise UserError(f"--seq-length must be positive, not {args.seq_length}")
@@ -178,21 +194,38 @@ def run_prepare(args) -> int:
         raise UserError(
             f"--seq-length {args.seq_length} must be a multiple of --pad-seq-to-mult {args.pad_seq_to_mult}"
         )
+    if args.train_samples is not None and args.train_samples < 1:
+        raise UserError(f"--train-samples must be positive, not {args.train_samples}")
     options = _options(args, args.seq_length)
+    packing = not args.no_packing
     try:
-        data = prepare(args.files, options, cache_dir=args.cache_dir, num_proc=args.num_proc,
-                       progress=not args.no_progress)
+        specs = parse_sources(args.files)
+        prepared = []
+        for spec in specs:
+            prepared.append(prepare(list(spec.paths), source_options(options, spec), cache_dir=args.cache_dir,
+                                    num_proc=args.num_proc, progress=not args.no_progress))
+        items, plan = plan_sources(specs, prepared, seq_length=args.seq_length, packing=packing,
+                                   pad_seq_to_mult=args.pad_seq_to_mult, mix_by=args.mix_by,
+                                   num_items=args.train_samples if is_mixture(specs) else 1, seed=args.seed)
     except DataError as exc:
         raise UserError(str(exc)) from None
-    summary = dict(data.summary)
-    if not args.no_packing:
-        lengths = np.asarray(data.lengths)
-        plan = pack_best_fit(slots_needed(lengths, args.pad_seq_to_mult), args.seq_length)
-        summary["packing"] = {
-            "samples": len(lengths),
-            "packs": len(plan),
-            "capacity": args.seq_length,
-            "efficiency": packing_efficiency(int((lengths - 1).sum()), len(plan), args.seq_length),
-        }
-    print(format_summary(summary))
+    for spec, data, item in zip(specs, prepared, items):
+        summary = dict(data.summary)
+        if packing:
+            lengths = np.asarray(data.lengths)
+            summary["packing"] = {
+                "samples": len(lengths),
+                "packs": len(item.samples),
+                "capacity": args.seq_length,
+                "efficiency": packing_efficiency(int((lengths - 1).sum()), len(item.samples), args.seq_length),
+            }
+        if is_mixture(specs):
+            print(f"source {spec.name}:")
+        print(format_summary(summary))
+    if is_mixture(specs):
+        stats = [{"records": int(d.summary["records"]), "samples": len(d), "supervised_tokens": int(i.tokens.sum())}
+                 for d, i in zip(prepared, items)]
+        print(format_mixture("train", [s.name for s in specs], plan, stats, [len(i.samples) for i in items],
+                             packing, "--train-samples" if args.train_samples else "as many as the sources hold"))
     return 0
+

@@ -96,6 +96,7 @@ class EncodeOptions:
     train_reasoning: bool = True
     reasoning_history: str = "split"
     tools: list[dict[str, Any]] | str | None = None  # for records without their own 'tools' (list or JSON file)
+    system_prompt: str | None = None  # put first in conversations without a system message
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -116,6 +117,8 @@ class EncodeOptions:
         if not isinstance(self.train_reasoning, bool):
             raise DataError(f"train_reasoning must be true or false, not {self.train_reasoning!r}")
         load_tools(self.tools)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise DataError(f"system_prompt must be a string, not {type(self.system_prompt).__name__}")
 
 
 @dataclass
@@ -280,16 +283,22 @@ def _encode_chunk(
         where = location(chunk.source, index)
         try:
             record = parse_raw(raw, chunk.source, index)
-            conv = to_conversation(record, chunk.fmt, options.columns, require_assistant=options.train_on != "all")
+            conv = to_conversation(record, chunk.fmt, options.columns, require_assistant=options.train_on != "all",
+                                   system_prompt=options.system_prompt)
             if conv.tools is None and options.tools:
                 conv.tools = load_tools(options.tools)
             convs.append((index, conv))
         except RecordError as exc:
             if bad(exc.reason, where, exc.detail, fix_skip):
                 return result
+        except DataError:
+            raise
+        except Exception as exc:  # a case the checks above do not know: still this record's error
+            if bad("unexpected_error", where, _unexpected(exc), fix_skip):
+                return result
     ids_out, mask_out, lengths, origins = [], [], [], []
     split = options.truncation == "split"
-    records = encoder.encode_records([c for _, c in convs], max_ids, split_long=split)
+    records = _encode_guarded(encoder, [c for _, c in convs], max_ids, split)
     for (index, _), record in zip(convs, records):
         where = location(chunk.source, index)
         if isinstance(record, RecordError):
@@ -353,6 +362,38 @@ def _keep_sample(result, options, ids, mask, where, index, source_index, fix_ski
     lengths.append(len(ids))
     origins.append((source_index, index))
     return False
+def _unexpected(exc: BaseException) -> str:
+    text = str(exc)
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return (f"unexpected {type(exc).__name__} while reading this record ({text}); please report it with the "
+            "record")
+
+
+def _encode_guarded(encoder: ChatEncoder, convs: list[Conversation], max_ids: int, split_long: bool) -> list:
+    """``encoder.encode_records``; if it raises anything but a ``DataError`` (a tokenizer panic on odd
+    text ...), each conversation is encoded alone so that only the culprits get a
+    ``RecordError("unexpected_error")``. No input makes the whole run end in a traceback."""
+    try:
+        return encoder.encode_records(convs, max_ids, split_long=split_long)
+    except DataError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # pyo3's PanicException derives from BaseException
+        pass
+    out = []
+    for conv in convs:
+        try:
+            out.append(encoder.encode_records([conv], max_ids, split_long=split_long)[0])
+        except RecordError as exc:
+            out.append(exc)
+        except DataError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            out.append(RecordError("unexpected_error", _unexpected(exc)))
+    return out
 
 
 # --------------------------------------------------------------------------- reading

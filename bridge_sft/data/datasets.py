@@ -4,7 +4,16 @@ Both datasets have ``len() == num_samples`` (what Bridge asks for): the items
 (samples, or packs) are repeated over epochs, each epoch in its own
 deterministic order (``numpy`` generator seeded with ``(seed, epoch)``), so
 Bridge's sequential ``"single"`` sampler with ``consumed_samples`` resumes
-exactly where it stopped, without replaying data.
+exactly where it stopped, without replaying data. (Several sources are mixed
+by ``bridge_sft.data.mixing.MixedDataset`` over one such dataset per source.)
+
+Padding of unpacked samples (``SFTDataset``): ``pad_to_multiple=None`` pads every
+sample to ``seq_length``; an integer ``m`` pads each micro-batch (what the
+dataset's ``collate_fn`` receives from Bridge's sampler) to its longest sample
+rounded up to a multiple of ``m``, at most ``seq_length`` ("dynamic padding").
+A causal model's loss at a position depends only on the positions before it, so
+the trailing padding a row loses changes no loss; the slots it saves are work
+the model no longer does.
 
 The label shift happens here: for a sample with ids ``x`` (length ``n``),
 ``tokens = x[:-1]``, ``labels = x[1:]``, ``loss_mask = mask[1:]`` (aligned to
@@ -17,12 +26,14 @@ This module imports torch, not megatron.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
 
 from bridge_sft.data.cache import PreparedData
 from bridge_sft.data.formats import DataError
+from bridge_sft.data.mixing import SOURCE_ID, EpochOrder, MixturePlan  # noqa: F401  (EpochOrder: re-exported)
 from bridge_sft.data.packing import PackPlan, slots_needed
 
 logger = logging.getLogger(__name__)
@@ -30,47 +41,17 @@ logger = logging.getLogger(__name__)
 PACKED_KEYS = ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded")
 
 
-class EpochOrder:
-    """Dataset index -> item index, over as many shuffled epochs as ``num_samples`` needs."""
-
-    def __init__(self, num_items: int, num_samples: int | None, seed: int, shuffle: bool):
-        self.num_items = num_items
-        self.num_samples = num_items if num_samples is None else int(num_samples)
-        self.seed = seed
-        self.shuffle = shuffle
-        self._perms: dict[int, np.ndarray] = {}
-        if self.num_samples and not num_items:
-            raise DataError(f"{self.num_samples} samples were asked for, but the split has no data")
-
-    @property
-    def epochs(self) -> float:
-        return self.num_samples / self.num_items if self.num_items else 0.0
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-            else:
-                perm = np.arange(self.num_items)
-            if len(self._perms) >= 2:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = perm
-        return perm
-
-    def __call__(self, index: int) -> int:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        epoch, j = divmod(index, self.num_items)
-        return int(self.permutation(epoch)[j])
-
-
 class SFTDataset(torch.utils.data.Dataset):
-    """Unpacked samples, each padded to ``seq_length``.
+    """Unpacked samples, one per item.
 
-    ``__getitem__`` returns ``tokens`` int64 [S], ``labels`` int64 [S],
-    ``loss_mask`` float32 [S], ``position_ids`` int64 [S] (S = ``seq_length``).
-    ``indices``: the prepared samples in this split.
+    ``__getitem__`` returns ``tokens`` int64 [L], ``labels`` int64 [L], ``loss_mask``
+    float32 [L], ``position_ids`` int64 [L]: L = ``seq_length`` with
+    ``pad_to_multiple=None``, else the sample's own ``len(ids) - 1`` slots.
+    ``collate_fn`` stacks items into ``[b, T]``, padding each row with the pad id
+    (``loss_mask`` 0, positions continuing): T = ``seq_length``, or with
+    ``pad_to_multiple=m`` the longest row rounded up to a multiple of ``m``, capped
+    at ``seq_length`` (see the module docstring). ``indices``: the prepared samples in
+    this split.
     """
 
     def __init__(
@@ -80,15 +61,19 @@ class SFTDataset(torch.utils.data.Dataset):
         seq_length: int,
         *,
         num_samples: int | None = None,
-        seed: int = 1234,
+        seed: int | tuple[int, ...] = 1234,
         shuffle: bool = True,
         pad_id: int = 0,
+        pad_to_multiple: int | None = None,
         name: str = "train",
     ):
+        if pad_to_multiple is not None and pad_to_multiple < 1:
+            raise DataError(f"pad_to_multiple must be a positive integer, not {pad_to_multiple!r}")
         self.data = data
         self.indices = np.asarray(indices, dtype=np.int64)
         self.seq_length = seq_length
         self.pad_id = pad_id
+        self.pad_to_multiple = pad_to_multiple
         lengths = data.lengths[self.indices] if len(self.indices) else np.empty(0, np.int64)
         if len(lengths) and int(lengths.max()) > seq_length + 1:
             raise DataError(f"a sample has {int(lengths.max())} ids, more than seq_length + 1 = {seq_length + 1}")
@@ -104,7 +89,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, mask = self.data.sample(int(self.indices[self.order(index)]))
         n = len(ids) - 1
-        s = self.seq_length
+        s = self.seq_length if self.pad_to_multiple is None else n
         tokens = np.full(s, self.pad_id, dtype=np.int64)
         labels = np.full(s, self.pad_id, dtype=np.int64)
         loss_mask = np.zeros(s, dtype=np.float32)
@@ -117,6 +102,38 @@ class SFTDataset(torch.utils.data.Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.arange(s, dtype=torch.int64),
         }
+
+    def padded_length(self, longest: int) -> int:
+        """Slots per row of a micro-batch whose longest item has ``longest`` slots."""
+        if self.pad_to_multiple is None:
+            return self.seq_length
+        return min(self.seq_length, -(-longest // self.pad_to_multiple) * self.pad_to_multiple)
+
+    def collate_fn(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack items into ``[b, T]`` (T: ``padded_length`` of the longest); other keys are stacked."""
+        width = self.padded_length(max(len(item["tokens"]) for item in batch))
+        fill = {"tokens": self.pad_id, "labels": self.pad_id, "loss_mask": 0}
+        out = {}
+        for key in batch[0]:
+            if key == "position_ids":
+                out[key] = torch.arange(width, dtype=torch.int64).expand(len(batch), width).clone()
+            elif key in fill:
+                rows = torch.full((len(batch), width), fill[key], dtype=batch[0][key].dtype)
+                for row, item in zip(rows, batch):
+                    row[: len(item[key])] = item[key]
+                out[key] = rows
+            else:
+                out[key] = torch.stack([item[key] for item in batch])
+        return out
+
+
+def padding_multiple(pad_to_multiple: int, *, tensor_parallel: int = 1, context_parallel: int = 1,
+                     pad_seq_to_mult: int = 1) -> int:
+    """Rows of a dynamically padded micro-batch are a multiple of this: ``pad_to_multiple``, and what the
+    run's parallelism needs (context parallelism splits a row into 2 x CP chunks; sequence parallelism
+    splits it over the TP ranks, taken even without SP: 64 already is a multiple of usual TP sizes)."""
+    return math.lcm(pad_to_multiple, pad_seq_to_mult, 2 * context_parallel if context_parallel > 1 else 1,
+                    tensor_parallel)
 
 
 class PackedSFTDataset(torch.utils.data.Dataset):
@@ -141,7 +158,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         seq_length: int,
         *,
         num_samples: int | None = None,
-        seed: int = 1234,
+        seed: int | tuple[int, ...] = 1234,
         shuffle: bool = True,
         pad_id: int = 0,
         pad_seq_to_mult: int = 1,
@@ -233,3 +250,39 @@ def plan_packs(data: PreparedData, indices: np.ndarray, seq_length: int, pad_seq
 
     slots = slots_needed(data.lengths[np.asarray(indices, dtype=np.int64)], pad_seq_to_mult)
     return pack_best_fit(slots, seq_length)
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Items of several per-source datasets in the order of a ``MixturePlan``.
+
+    ``datasets[i]`` must serve at least ``plan.draws[i]`` items in the order the plan was
+    made with (same ``EpochOrder``). Each item gets ``source_id`` (int64 scalar: the
+    source's index in ``names``; unless ``with_source_id=False``); ``collate_fn`` is the
+    sources' (they are all packed or all unpacked) and stacks ``source_id`` into ``[b]``.
+    """
+
+    def __init__(self, datasets: Sequence[torch.utils.data.Dataset], plan: MixturePlan, names: Sequence[str],
+                 *, with_source_id: bool = True):
+        self.datasets = list(datasets)
+        self.plan = plan
+        self.names = list(names)
+        self.with_source_id = with_source_id
+        for i, dataset in enumerate(self.datasets):
+            if len(dataset) < plan.draws[i]:
+                raise ValueError(f"source {names[i]} serves {len(dataset)} items, the plan draws {plan.draws[i]}")
+
+    def __len__(self) -> int:
+        return len(self.plan.source)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        i = int(self.plan.source[index])
+        item = self.datasets[i][int(self.plan.position[index])]
+        if self.with_source_id:
+            item[SOURCE_ID] = torch.tensor(i, dtype=torch.int64)
+        return item
+
+    def collate_fn(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        collate = getattr(self.datasets[0], "collate_fn", None) or torch.utils.data.default_collate
+        return collate(batch)

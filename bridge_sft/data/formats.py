@@ -7,6 +7,13 @@ Face hub dataset ids (``org/name`` or ``org/name:split``) when the machine is
 online. Every record keeps its location (``file:line`` for JSON lines,
 ``file:record N`` otherwise) so errors can name it.
 
+Reading never ends in a traceback: text files are UTF-8, with or without a
+byte-order mark; a file in UTF-16/32 is a ``DataError`` saying how to convert
+it; a JSON line that is not UTF-8 (Latin-1, cp1252 ...), not JSON, nested
+deeper than ``MAX_DEPTH``, or holding an unpaired ``\\uD800``-style surrogate
+escape (not a Unicode character) is a ``RecordError`` of that record (skipped
+and counted with ``on_bad_record="skip"``); unreadable files are ``DataError``.
+
 Formats (``to_conversation``), auto-detected from the first record of each
 source unless named:
 
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,7 +61,14 @@ SHAREGPT_ROLES = {
 }
 # Message keys passed to the chat template besides role and content.
 MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+# Expected types of the optional message keys (a wrong type is a record error, not a template crash).
+MESSAGE_KEY_TYPES = {"tool_calls": list, "tool_call_id": str, "name": str, "reasoning_content": str, "thinking": str}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+MAX_DEPTH = 100  # JSON nesting deeper than this is rejected (chat records need < 10 levels)
+_UTF8_BOM = b"\xef\xbb\xbf"
+_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+              b"\xfe\xff": "UTF-16"}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class DataError(ValueError):
@@ -117,9 +133,17 @@ def apply_columns(record: dict, columns: dict[str, str] | None) -> dict:
 
 
 def to_conversation(
-    record: Any, fmt: str, columns: dict[str, str] | None = None, *, require_assistant: bool = True
+    record: Any,
+    fmt: str,
+    columns: dict[str, str] | None = None,
+    *,
+    require_assistant: bool = True,
+    system_prompt: str | None = None,
 ) -> Conversation:
-    """Turn one raw record into a validated ``Conversation``; raise ``RecordError`` if it is bad."""
+    """Turn one raw record into a validated ``Conversation``; raise ``RecordError`` if it is bad.
+
+    ``system_prompt``: a system message put first in conversations that have none of their own
+    (a record's own system message wins)."""
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"the record is a {type(record).__name__}, not a JSON object")
     record = apply_columns(record, columns)
@@ -137,6 +161,9 @@ def to_conversation(
         conv = _from_prompt_completion(record)
     else:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if system_prompt and not (conv.messages and conv.messages[0]["role"] in ("system", "developer")):
+        conv.messages.insert(0, {"role": "system", "content": system_prompt})
+        conv.trainable.insert(0, False)
     if require_assistant and not any(
         m["role"] == "assistant" and t for m, t in zip(conv.messages, conv.trainable)
     ):
@@ -151,7 +178,7 @@ def to_conversation(
 
 
 def _unknown_format_message(record: dict) -> str:
-    keys = ", ".join(sorted(map(str, record))[:12]) or "none"
+    keys = ", ".join(_clip(key, 40) for key in sorted(map(str, record))[:12]) or "none"
     return (
         f"cannot tell the data format from the record's keys ({keys}); expected 'messages' (OpenAI), "
         "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca) or 'prompt'+'completion'. "
@@ -165,9 +192,9 @@ def _tools(record: dict) -> list[dict] | None:
         return None
     if isinstance(tools, str):
         try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise RecordError("bad_tools", f"'tools' is a string but not valid JSON: {exc}") from None
+            tools = _loads(tools)
+        except RecordError as exc:
+            raise RecordError("bad_tools", f"'tools' is a string but not valid JSON: {exc.detail}") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RecordError("bad_tools", "'tools' must be a list of JSON objects (function schemas)")
     return tools
@@ -183,7 +210,7 @@ def _text(value: Any, where: str) -> str:
             if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
                 raise RecordError(
                     "non_string_content",
-                    f"{where} has a content part of type {part.get('type')!r}; only text parts "
+                    f"{where} has a content part of type {_short(part.get('type'))}; only text parts "
                     "({'type': 'text', 'text': ...}) are supported",
                 )
             texts.append(part["text"])
@@ -195,8 +222,11 @@ def _text(value: Any, where: str) -> str:
 
 
 def _short(value: Any, n: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
+    """A short ``repr`` of any value (bounded in length and depth: never recurses far)."""
+    return _clip(_REPR.repr(value), n)
+
+
+_REPR = reprlib.Repr(maxlevel=3, maxstring=60, maxother=60)
 
 
 def normalize_messages(messages: Any, *, trainable: list[bool] | None = None) -> tuple[list[dict], list[bool]]:
@@ -230,6 +260,12 @@ def normalize_messages(messages: Any, *, trainable: list[bool] | None = None) ->
         for key in MESSAGE_KEYS:
             value = message.get(key)
             if value is not None and value != "" and value != []:
+                expected = MESSAGE_KEY_TYPES[key]
+                if not isinstance(value, expected) or (key == "tool_calls" and not all(
+                        isinstance(call, dict) for call in value)):
+                    want = "a list of objects" if key == "tool_calls" else "a string"
+                    raise RecordError("bad_field", f"{where} ({role}) has {key!r} of type {type(value).__name__} "
+                                                   f"({_short(value)}); it must be {want}")
                 clean[key] = value
         weight = message.get("weight", 1)
         if weight not in (0, 1):
@@ -386,24 +422,69 @@ def _looks_like_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A raw record that could not even be read as text (``iter_source`` yields it in place of the
+    text; ``parse_raw`` raises it as that record's ``RecordError``)."""
+
+    reason: str
+    message: str
+
+
 def iter_source(source: Source) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, raw)`` for each record: raw JSON text lines for ``.jsonl``
-    (index = 1-based line number; blank lines are skipped), dicts otherwise (0-based)."""
-    if source.kind == "jsonl":
-        with open(source.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield lineno, line
-    elif source.kind == "json":
-        yield from _iter_json(source.path)
-    elif source.kind == "parquet":
-        yield from _iter_parquet(source.path)
-    elif source.kind == "hf_disk":
-        yield from enumerate(_load_from_disk(source.path))
-    elif source.kind == "hf_hub":
-        yield from enumerate(_load_hub(source))
-    else:  # pragma: no cover - resolve_sources only makes the kinds above
-        raise DataError(f"{source.path}: unknown source kind {source.kind}")
+    (index = 1-based line number; blank lines are skipped; a line that is not UTF-8
+    is a ``BadLine``), dicts otherwise (0-based). Unreadable files raise ``DataError``."""
+    try:
+        if source.kind == "jsonl":
+            yield from _iter_jsonl(source.path)
+        elif source.kind == "json":
+            yield from _iter_json(source.path)
+        elif source.kind == "parquet":
+            yield from _iter_parquet(source.path)
+        elif source.kind == "hf_disk":
+            yield from enumerate(_load_from_disk(source.path))
+        elif source.kind == "hf_hub":
+            yield from enumerate(_load_hub(source))
+        else:  # pragma: no cover - resolve_sources only makes the kinds above
+            raise DataError(f"{source.path}: unknown source kind {source.kind}")
+    except OSError as exc:
+        raise DataError(f"{source.path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def _check_text_encoding(path: str, head: bytes) -> None:
+    """Reject UTF-16/32 files (by byte-order mark, or by the NUL bytes of ASCII text in them)."""
+    for bom, name in _WIDE_BOMS.items():
+        if head.startswith(bom):
+            raise DataError(f"{path}: the file is {name} (it starts with a {name} byte-order mark); bridge-sft "
+                            f"reads UTF-8 (with or without a byte-order mark). Convert it, e.g. "
+                            f"iconv -f {name} -t UTF-8 {path} > converted{Path(path).suffix}")
+    if head.count(b"\x00") > len(head) // 4:
+        raise DataError(f"{path}: the file looks like UTF-16 or UTF-32 text without a byte-order mark (a quarter "
+                        f"of its first bytes are NUL); bridge-sft reads UTF-8. Convert it, e.g. "
+                        f"iconv -f UTF-16LE -t UTF-8 {path} > converted{Path(path).suffix}")
+
+
+def _not_utf8(path: str, data: bytes, exc: UnicodeDecodeError) -> str:
+    column = len(data[: exc.start].decode("utf-8", errors="replace")) + 1
+    return (f"the text is not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); the file is probably "
+            "in another encoding (Latin-1, Windows-1252 ...): convert it to UTF-8, e.g. iconv -f WINDOWS-1252 "
+            f"-t UTF-8 {path} > converted{Path(path).suffix}")
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        _check_text_encoding(path, head)
+        f.seek(len(_UTF8_BOM) if head.startswith(_UTF8_BOM) else 0)
+        for lineno, data in enumerate(f, 1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, BadLine("not_utf8", _not_utf8(path, data, exc))
+                continue
+            if line.strip():
+                yield lineno, line
 
 
 def location(source: Source, index: int) -> str:
@@ -414,22 +495,88 @@ def location(source: Source, index: int) -> str:
 
 
 def parse_raw(raw: Any, source: Source, index: int) -> Any:
-    """A raw JSON-lines text becomes an object; ``RecordError('invalid_json')`` if it is not JSON."""
+    """A raw JSON-lines text becomes an object (``RecordError`` if it is not JSON, nested deeper
+    than ``MAX_DEPTH`` or holds unpaired surrogate escapes); a ``BadLine`` raises its error."""
+    if isinstance(raw, BadLine):
+        raise RecordError(raw.reason, raw.message, location(source, index))
     if not isinstance(raw, str):
         return raw
     try:
-        return json.loads(raw)
+        value = _loads(raw)
+    except RecordError as exc:
+        raise exc.at(location(source, index)) from None
+    return value
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` of one record's text, with every failure as a ``RecordError``."""
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError(
             "invalid_json",
             f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a .jsonl file must be one JSON object",
-            location(source, index),
+        ) from None
+    except RecursionError:
+        raise RecordError("too_deep", f"the JSON is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise RecordError("invalid_json", f"the JSON cannot be read: {_clip(str(exc))}") from None
+    check_value(value, text)
+    return value
+
+
+def check_value(value: Any, text: str | None = None) -> None:
+    """Raise ``RecordError`` if ``value`` (a parsed record) nests deeper than ``MAX_DEPTH`` or holds a
+    string that is not valid Unicode (an unpaired surrogate). ``text``: the JSON it was parsed from;
+    the walk is skipped when the text cannot hold either problem (the common case, at C speed)."""
+    if text is not None and not _SURROGATE_ESCAPE.search(text) and text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RecordError("too_deep", f"the record is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, str):
+            _check_unicode(node)
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if isinstance(key, str):
+                    _check_unicode(key)
+                stack.append((child, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordError(
+            "invalid_unicode",
+            f"a string holds U+{ord(text[exc.start]):04X}, an unpaired surrogate (a \\u{ord(text[exc.start]):04x} "
+            "escape without its partner): not a Unicode character. Fix or remove it (a character outside the "
+            "basic plane is written as a pair, e.g. \\ud83d\\ude00)",
         ) from None
 
 
+def _clip(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _iter_json(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    _check_text_encoding(path, raw[:4096])
+    if raw.startswith(_UTF8_BOM):
+        raw = raw[len(_UTF8_BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        line = raw[line_start: raw.find(b"\n", exc.start) if b"\n" in raw[exc.start:] else len(raw)]
+        shifted = UnicodeDecodeError(exc.encoding, line, exc.start - line_start, exc.end - line_start, exc.reason)
+        raise DataError(f"{path}:{lineno}: {_not_utf8(path, line, shifted)}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -437,13 +584,18 @@ def _iter_json(path: str) -> Iterator[tuple[int, Any]]:
         lines = [line for line in text.splitlines() if line.strip()]
         if len(lines) > 1:
             try:
-                data = [json.loads(line) for line in lines]
-            except json.JSONDecodeError:
+                data = [_loads(line) for line in lines]
+            except RecordError:
                 data = None
             if data is not None:
                 yield from enumerate(data)
                 return
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: the JSON is nested deeper than Python can read; records need < {MAX_DEPTH} "
+                        "levels") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: the JSON cannot be read: {_clip(str(exc))}") from None
     if isinstance(data, dict):
         for key in ("data", "train", "records", "rows"):
             if isinstance(data.get(key), list):
@@ -453,7 +605,15 @@ def _iter_json(path: str) -> Iterator[tuple[int, Any]]:
             data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
-    yield from enumerate(data)
+    check_text = _SURROGATE_ESCAPE.search(text) is not None or text.count("[") + text.count("{") > MAX_DEPTH
+    for index, record in enumerate(data):
+        if check_text:
+            try:
+                check_value(record)
+            except RecordError as exc:
+                yield index, BadLine(exc.reason, exc.detail)
+                continue
+        yield index, record
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
@@ -462,18 +622,25 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
     try:
         table = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{path}: cannot read the Parquet file ({exc})") from None
+        raise DataError(f"{path}: cannot read the Parquet file ({_clip(str(exc))})") from None
     index = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
+    try:
+        for batch in table.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield index, row
+                index += 1
+    except Exception as exc:  # a corrupt row group, an unsupported type ...
+        raise DataError(f"{path}: cannot read the Parquet file after record {index} "
+                        f"({type(exc).__name__}: {_clip(str(exc))})") from None
 
 
 def _load_from_disk(path: str):
     import datasets
 
-    data = datasets.load_from_disk(path)
+    try:
+        data = datasets.load_from_disk(path)
+    except Exception as exc:  # missing/corrupt arrow files, incompatible versions ...
+        raise DataError(f"{path}: cannot load the saved dataset ({type(exc).__name__}: {_clip(str(exc))})") from None
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
             raise DataError(

@@ -6,6 +6,9 @@ Put an instance in ``ConfigContainer.dataset``; Bridge calls
 (best-fit decreasing) when ``packing=True``, and wrapped in map-style datasets
 of exactly ``context.train_samples`` / ``valid_samples`` / ``test_samples``
 items (the data repeated over shuffled epochs; see ``bridge_sft.data.datasets``).
+Several weighted sources (``data_path=["chat.jsonl:0.7", "code.jsonl:0.3"]``) are
+each encoded, split and packed on their own and mixed into one stream
+(``bridge_sft.data.mixing``).
 
 All fields are plain values, so the config can be written to YAML.
 """
@@ -21,8 +24,28 @@ import numpy as np
 from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 
 from bridge_sft.data.cache import EncodeOptions, PreparedData, format_summary, prepare
-from bridge_sft.data.datasets import PackedSFTDataset, SFTDataset, packed_real_tokens, plan_packs
+from bridge_sft.data.datasets import (
+    EpochOrder,
+    MixedDataset,
+    PackedSFTDataset,
+    SFTDataset,
+    packed_real_tokens,
+    padding_multiple,
+    plan_packs,
+)
 from bridge_sft.data.formats import DataError
+from bridge_sft.data.mixing import (
+    MIX_BY,
+    SourceSpec,
+    format_mixture,
+    is_mixture,
+    mixture_weights,
+    parse_sources,
+    plan_mixture,
+    source_items,
+    source_options,
+    supervised_per_sample,
+)
 from bridge_sft.data.packing import packing_efficiency
 
 logger = logging.getLogger(__name__)
@@ -32,43 +55,57 @@ logger = logging.getLogger(__name__)
 class SFTDatasetProvider(DatasetProvider):
     """Chat SFT data for Bridge's ``finetune()``.
 
-    Data: ``data_path`` (file(s)/directories/hub ids; see ``bridge_sft.data.formats``),
-    ``format`` (``auto``, ``messages``, ``sharegpt``, ``alpaca``, ``prompt_completion``),
-    ``columns`` (``{canonical: source column}``). Tokens: ``tokenizer_path`` (HF
-    tokenizer directory or id), ``chat_template`` (a .jinja path or template text
-    overriding the tokenizer's), ``template_kwargs`` (e.g. ``{"enable_thinking": False}``),
-    ``train_on`` (``assistant``, ``last_assistant``, ``all``), ``empty_think``
-    (``mask``: empty ``<think></think>`` blocks injected by the template are not
-    trained; ``train``). Length: ``seq_length`` (slots per sample/pack; must equal
-    the model's), ``truncation`` (``split``: long conversations cut at turn boundaries,
-    every assistant turn trained once; ``truncate``, ``drop``, ``error``), ``train_reasoning``,
-    ``reasoning_history`` (``split``, ``template``; see ``bridge_sft.data.encoding``), ``tools``
-    (tool schemas, or a JSON file, for records without their own),
-    ``on_bad_record`` (``error``, ``skip``). Splits: ``validation_path`` /
-    ``test_path``, or ``validation_fraction`` / ``test_fraction`` of the training
-    records (chosen with ``seed``). ``packing``: THD packs (micro-batch size 1);
-    ``pad_seq_to_mult``: pad each packed sample to a multiple (2 x context
-    parallel size). ``cache_dir``: where encoded arrays are cached (None: encode
-    in memory every run); ``num_proc``: encoding processes (None: automatic).
+    Data: ``data_path``: file(s)/directories/hub ids of ONE source (see
+    ``bridge_sft.data.formats``), or several weighted sources (``["a.jsonl:0.7",
+    "b.jsonl:0.3"]``, ``PATH:Nx`` for epochs, or mappings with per-source options;
+    see ``bridge_sft.data.mixing``), mixed by ``mix_by`` (``samples`` or supervised
+    ``tokens``). ``format`` (``auto``, ``messages``, ``sharegpt``, ``alpaca``,
+    ``prompt_completion``), ``columns`` (``{canonical: source column}``),
+    ``system_prompt`` (for conversations without one): defaults a source may override.
+    Tokens: ``tokenizer_path`` (HF tokenizer directory or id), ``chat_template`` (a
+    .jinja path or template text overriding the tokenizer's), ``template_kwargs``
+    (e.g. ``{"enable_thinking": False}``), ``train_on`` (``assistant``,
+    ``last_assistant``, ``all``), ``empty_think`` (``mask``: empty
+    ``<think></think>`` blocks injected by the template are not trained; ``train``).
+    Length: ``seq_length`` (slots per sample/pack; must equal the model's),
+    ``truncation`` (``split``: long conversations cut at turn boundaries, every
+    assistant turn trained once; ``truncate``, ``drop``, ``error``). Reasoning and
+    tools: ``train_reasoning``, ``reasoning_history`` (``split``, ``template``; see
+    ``bridge_sft.data.encoding``), ``tools`` (tool schemas, or a JSON file, for records
+    without their own). ``on_bad_record`` (``error``, ``skip``). Splits: ``validation_path`` / ``test_path`` (one source), or per-source
+    ``validation`` files, or ``validation_fraction`` / ``test_fraction`` of each
+    source's records (chosen with ``seed``; at least one sample per source of a
+    mixture). ``packing``: THD packs (micro-batch size 1); ``pad_seq_to_mult``: pad
+    each packed sample to a multiple (2 x context parallel size). Without packing,
+    ``padding="longest"`` pads each micro-batch to its longest sample rounded up to
+    ``pad_to_multiple`` (and to the context-parallel 2 x CP and tensor-parallel
+    multiples of the run), at most ``seq_length``; ``padding="seq_length"`` pads
+    every sample to ``seq_length``. ``cache_dir``: where encoded arrays are cached
+    (None: encode in memory every run); ``num_proc``: encoding processes (None:
+    automatic).
 
     Loader defaults: ``dataloader_type="single"`` (sequential, resumes at
-    ``consumed_samples``; shuffling is done by the dataset per epoch);
-    ``num_workers=0``: an item is a few memory-mapped slices copied into
-    preallocated arrays (tens of microseconds; ``benchmarks/packing_efficiency.py``
-    measures it), so worker processes would cost start-up time and memory for
-    nothing measurable.
+    ``consumed_samples``; shuffling and mixing are done by the dataset, the same
+    stream whatever the run length); ``num_workers=0``: an item is a few
+    memory-mapped slices copied into preallocated arrays (tens of microseconds;
+    ``benchmarks/packing_efficiency.py`` measures it), so worker processes would
+    cost start-up time and memory for nothing measurable.
     """
 
-    data_path: str | list[str]
+    data_path: str | list[str | dict[str, Any]]
     tokenizer_path: str
     seq_length: int = 2048
     packing: bool = True
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
     pad_seq_to_mult: int = 1
+    padding: Literal["longest", "seq_length"] = "longest"
+    pad_to_multiple: int = 64
+    mix_by: Literal["samples", "tokens"] = "samples"
     cache_dir: str | None = None
     seed: int = 1234
     format: str = "auto"
     columns: dict[str, str] | None = None
+    system_prompt: str | None = None
     chat_template: str | None = None
     template_kwargs: dict[str, Any] | None = None
     empty_think: Literal["mask", "train"] = "mask"
@@ -87,7 +124,9 @@ class SFTDatasetProvider(DatasetProvider):
     persistent_workers: bool = False
 
     def __post_init__(self) -> None:
-        self.encode_options().validate()
+        specs = self.sources()
+        for spec in specs:
+            self.encode_options(spec).validate()
         for name in ("validation_fraction", "test_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -98,9 +137,34 @@ class SFTDatasetProvider(DatasetProvider):
             raise DataError(
                 f"seq_length {self.seq_length} must be a multiple of pad_seq_to_mult {self.pad_seq_to_mult}"
             )
+        if self.padding not in ("longest", "seq_length"):
+            raise DataError(f"padding must be 'longest' or 'seq_length', not {self.padding!r}")
+        if isinstance(self.pad_to_multiple, bool) or not isinstance(self.pad_to_multiple, int) \
+                or self.pad_to_multiple < 1:
+            raise DataError(f"pad_to_multiple must be a positive integer, not {self.pad_to_multiple!r}")
+        if self.mix_by not in MIX_BY:
+            raise DataError(f"mix_by must be one of {', '.join(MIX_BY)}, not {self.mix_by!r}")
+        if is_mixture(specs) and (self.validation_path is not None or self.test_path is not None):
+            raise DataError("validation_path/test_path name one data set, but data has several sources: give each "
+                            "source its own validation file ({path: ..., weight: ..., validation: FILE}) or use "
+                            "validation_fraction")
 
-    def encode_options(self) -> EncodeOptions:
-        return EncodeOptions(
+    def sources(self) -> list[SourceSpec]:
+        """The sources ``data_path`` names (one, or several to mix)."""
+        return parse_sources(self.data_path)
+
+    def loss_source_names(self) -> list[str]:
+        """Names of the sources in validation batches' ``source_id`` order (empty without a mixture):
+        the forward step reports a validation loss for each (``mixing.add_source_losses``)."""
+        specs = self.sources()
+        return [s.name for s in specs if self._has_validation(s)] if is_mixture(specs) else []
+
+    def _has_validation(self, spec: SourceSpec) -> bool:
+        return spec.validation is not None or self.validation_fraction > 0
+
+    def encode_options(self, spec: SourceSpec | None = None) -> EncodeOptions:
+        """Encoding options of a source (its own format/columns/train_on/system prompt, else the provider's)."""
+        return source_options(EncodeOptions(
             tokenizer_path=str(self.tokenizer_path),
             seq_length=self.seq_length,
             train_on=self.train_on,
@@ -114,33 +178,53 @@ class SFTDatasetProvider(DatasetProvider):
             reasoning_history=self.reasoning_history,
             tools=self.tools,
             on_bad_record=self.on_bad_record,
-        )
+            system_prompt=self.system_prompt,
+        ), spec)
 
-    def prepare(self, paths: str | list[str]) -> PreparedData:
-        return prepare(paths, self.encode_options(), cache_dir=self.cache_dir, num_proc=self.num_proc)
+    def prepare(self, paths: Any, spec: SourceSpec | None = None) -> PreparedData | list[PreparedData]:
+        """Encode ``paths`` (cached): a ``PreparedData``, or one per source when ``paths`` is a mixture
+        (then each source's validation files are prepared too)."""
+        if spec is None:
+            specs = parse_sources(paths)
+            if is_mixture(specs):
+                out = []
+                for s in specs:
+                    out.append(self.prepare(list(s.paths), s))
+                    if s.validation is not None:
+                        self.prepare(list(s.validation), s)
+                return out
+            spec = specs[0]
+            paths = list(spec.paths)
+        return prepare(paths, self.encode_options(spec), cache_dir=self.cache_dir, num_proc=self.num_proc)
 
     def build_datasets(self, context: DatasetBuildContext):
         """Train, validation and test datasets of ``context.*_samples`` items (None for an empty split)."""
-        train_data = self.prepare(self.data_path)
+        specs = self.sources()
+        wanted = {"train": context.train_samples, "validation": context.valid_samples, "test": context.test_samples}
+        pad_multiple = self._pad_multiple(context)
+        if is_mixture(specs):
+            return self._build_mixture(specs, wanted, pad_multiple)
+        spec = specs[0]
+        validation_path = self.validation_path if spec.validation is None else list(spec.validation)
+        train_data = self.prepare(list(spec.paths), spec)
         n = len(train_data)
         perm = np.random.default_rng(self.seed).permutation(n)
-        n_valid = int(round(n * self.validation_fraction)) if self.validation_path is None else 0
+        n_valid = int(round(n * self.validation_fraction)) if validation_path is None else 0
         n_test = int(round(n * self.test_fraction)) if self.test_path is None else 0
         splits = {
             "validation": (train_data, np.sort(perm[:n_valid])),
             "test": (train_data, np.sort(perm[n_valid: n_valid + n_test])),
             "train": (train_data, np.sort(perm[n_valid + n_test:])),
         }
-        for name, path in (("validation", self.validation_path), ("test", self.test_path)):
+        for name, path in (("validation", validation_path), ("test", self.test_path)):
             if path is not None:
-                data = self.prepare(path)
+                data = self.prepare(path, spec)
                 splits[name] = (data, np.arange(len(data)))
-        if self.validation_fraction and self.validation_path is not None:
+        if self.validation_fraction and validation_path is not None:
             logger.warning("validation_path is set: validation_fraction is ignored")
         if self.test_fraction and self.test_path is not None:
             logger.warning("test_path is set: test_fraction is ignored")
 
-        wanted = {"train": context.train_samples, "validation": context.valid_samples, "test": context.test_samples}
         datasets = {}
         for name in ("train", "validation", "test"):
             data, indices = splits[name]
@@ -159,10 +243,28 @@ class SFTDatasetProvider(DatasetProvider):
                     )
                 datasets[name] = None
                 continue
-            datasets[name] = self._dataset(data, indices, wanted[name], name)
+            dataset, summary = self._dataset(data, indices, wanted[name], name, self.seed, pad_multiple)
+            if _rank() == 0:
+                logger.info("%s data (%d of %d samples):\n%s", name, len(indices), len(data), format_summary(summary))
+            datasets[name] = dataset
         return datasets["train"], datasets["validation"], datasets["test"]
 
-    def _dataset(self, data: PreparedData, indices: np.ndarray, num_samples: int, name: str):
+    def _pad_multiple(self, context: DatasetBuildContext) -> int | None:
+        """Rows of a dynamically padded micro-batch are a multiple of this (None: pad to seq_length),
+        from the run's tensor- and context-parallel groups (``datasets.padding_multiple``)."""
+        if self.packing or self.padding == "seq_length":
+            return None
+        tp = cp = 1
+        groups = getattr(context, "pg_collection", None)
+        if groups is not None:
+            tp = groups.tp.size() if getattr(groups, "tp", None) is not None else 1
+            cp = groups.cp.size() if getattr(groups, "cp", None) is not None else 1
+        return padding_multiple(self.pad_to_multiple, tensor_parallel=tp, context_parallel=cp,
+                                pad_seq_to_mult=self.pad_seq_to_mult)
+
+    def _dataset(self, data: PreparedData, indices: np.ndarray, num_samples: int | None, name: str, seed,
+                 pad_multiple: int | None):
+        """The split's dataset (packed or not; ``num_samples`` items) and its summary."""
         pad_id = int(data.summary.get("pad_id", 0))
         summary = dict(data.summary)
         if self.packing:
@@ -175,14 +277,100 @@ class SFTDatasetProvider(DatasetProvider):
                 "efficiency": packing_efficiency(real, len(plan), self.seq_length),
             }
             dataset = PackedSFTDataset(
-                data, indices, plan, self.seq_length, num_samples=num_samples, seed=self.seed,
+                data, indices, plan, self.seq_length, num_samples=num_samples, seed=seed,
                 shuffle=name == "train", pad_id=pad_id, pad_seq_to_mult=self.pad_seq_to_mult, name=name,
             )
         else:
             dataset = SFTDataset(
-                data, indices, self.seq_length, num_samples=num_samples, seed=self.seed,
-                shuffle=name == "train", pad_id=pad_id, name=name,
+                data, indices, self.seq_length, num_samples=num_samples, seed=seed,
+                shuffle=name == "train", pad_id=pad_id, pad_to_multiple=pad_multiple, name=name,
             )
-        if int(os.environ.get("RANK", "0")) == 0:
-            logger.info("%s data (%d of %d samples):\n%s", name, len(indices), len(data), format_summary(summary))
-        return dataset
+        return dataset, summary
+
+    # ------------------------------------------------------------------ mixtures
+
+    def _build_mixture(self, specs: list[SourceSpec], wanted: dict[str, int], pad_multiple: int | None):
+        """One dataset per source and split, mixed by ``mixing.plan_mixture`` (see ``bridge_sft.data.mixing``)."""
+        prepared = [self.prepare(list(s.paths), s) for s in specs]
+        splits: dict[str, list] = {"train": [], "validation": [], "test": []}
+        for i, (spec, data) in enumerate(zip(specs, prepared)):
+            n = len(data)
+            perm = np.random.default_rng([self.seed, i + 1]).permutation(n)
+            n_valid = _held_out(n, self.validation_fraction) if spec.validation is None else 0
+            n_test = _held_out(n - n_valid, self.test_fraction)
+            splits["train"].append((data, np.sort(perm[n_valid + n_test:])))
+            splits["test"].append((data, np.sort(perm[n_valid: n_valid + n_test])))
+            if spec.validation is not None:
+                valid = self.prepare(list(spec.validation), spec)
+                splits["validation"].append((valid, np.arange(len(valid))))
+            else:
+                splits["validation"].append((data, np.sort(perm[:n_valid])))
+            if not len(splits["train"][-1][1]):
+                raise DataError(f"source {spec.name}: the training split is empty")
+
+        supervised = {id(data): supervised_per_sample(data) for split in splits.values() for data, _ in split}
+        items = {split: [source_items(data, idx, self.seq_length, self.packing, self.pad_seq_to_mult,
+                                      supervised[id(data)]) for data, idx in splits[split]] for split in splits}
+        weights = mixture_weights(specs, items["train"], self.mix_by)
+        loss_names = self.loss_source_names()
+        if _rank() == 0:
+            for spec, data in zip(specs, prepared):
+                logger.info("source %s:\n%s", spec.name, format_summary(data.summary))
+        datasets = {}
+        for split in ("train", "validation", "test"):
+            if split != "train" and not wanted[split]:
+                datasets[split] = None
+                continue
+            present = [i for i, (_, idx) in enumerate(splits[split]) if len(idx)]
+            if split != "train" and not present:
+                logger.warning("%s: no data (set validation files per source or %s_fraction); Bridge will skip it",
+                               split, split)
+                datasets[split] = None
+                continue
+            datasets[split] = self._mix(
+                split, [specs[i] for i in present], [splits[split][i] for i in present],
+                [items[split][i] for i in present], [weights[i] for i in present], present, wanted[split],
+                pad_multiple, with_source_id=[specs[i].name for i in present] == loss_names,
+            )
+        return datasets["train"], datasets["validation"], datasets["test"]
+
+    def _mix(self, split, specs, parts, items, weights, source_index, num_items, pad_multiple, with_source_id):
+        """One split's ``MixedDataset``: the plan of ``num_items`` items, one dataset per source."""
+        shuffle = split == "train"
+        seeds = [(self.seed, i + 1) for i in source_index]
+        orders = [EpochOrder(len(item.samples), None, seed, shuffle) for item, seed in zip(items, seeds)]
+        plan = plan_mixture([o.permutation for o in orders], [i.samples for i in items], [i.tokens for i in items],
+                            weights, num_items, self.mix_by)
+        datasets = []
+        for k, ((data, indices), item, seed) in enumerate(zip(parts, items, seeds)):
+            pad_id = int(data.summary.get("pad_id", 0))
+            name = f"{split}/{specs[k].name}"
+            if self.packing:
+                datasets.append(PackedSFTDataset(
+                    data, indices, item.packs, self.seq_length, num_samples=int(plan.draws[k]), seed=seed,
+                    shuffle=shuffle, pad_id=pad_id, pad_seq_to_mult=self.pad_seq_to_mult, name=name,
+                ))
+            else:
+                datasets.append(SFTDataset(
+                    data, indices, self.seq_length, num_samples=int(plan.draws[k]), seed=seed, shuffle=shuffle,
+                    pad_id=pad_id, pad_to_multiple=pad_multiple, name=name,
+                ))
+        names = [s.name for s in specs]
+        if _rank() == 0:
+            stats = [{"records": int(data.summary["records"]), "samples": len(indices),
+                      "supervised_tokens": int(item.tokens.sum())} for (data, indices), item in zip(parts, items)]
+            logger.info("%s\n", format_mixture(split, names, plan, stats, [len(i.samples) for i in items],
+                                               self.packing))
+        return MixedDataset(datasets, plan, names, with_source_id=with_source_id)
+
+
+def _held_out(n: int, fraction: float) -> int:
+    """Samples held out of a mixture source: ``round(n x fraction)``, at least one when
+    ``fraction > 0`` (so that every source has a validation loss), leaving one to train on."""
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, int(round(n * fraction))))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))

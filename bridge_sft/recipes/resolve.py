@@ -183,10 +183,25 @@ def _check_recipe_args(name: str, recipe, args: dict[str, Any]) -> None:
                           f"(e.g. bridge-sft train {name} hf_path=/path/to/hf_model).")
     if "hf_path" in args or "hf_path" in params:
         check_hf_checkpoint(str(args.get("hf_path", params["hf_path"].default)))
-    data = args.get("data")
-    for data_path in [data] if isinstance(data, str) else (data or []):
-        if not Path(data_path).exists() and not _HUB_ID.fullmatch(str(data_path)):
-            raise ConfigError(f"data={data_path}: no such file or directory.")
+    if args.get("data") is not None:
+        check_data_paths(args["data"])
+
+
+def check_data_paths(data: Any) -> None:
+    """``data=`` (one source or a mixture, ``bridge_sft.data.mixing``) is well formed and its files exist."""
+    from bridge_sft.data.formats import DataError
+    from bridge_sft.data.mixing import parse_sources
+
+    try:
+        specs = parse_sources(data)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    for spec in specs:
+        for data_path in spec.paths + (spec.validation or ()):
+            hub_id = data_path.split(":")[0]
+            if not Path(data_path).expanduser().exists() and not (
+                    _HUB_ID.fullmatch(hub_id) and not hub_id.startswith((".", "/", "~"))):
+                raise ConfigError(f"data={data_path}: no such file or directory.")
 
 
 def _check_override(config, key: str, value: Any) -> None:

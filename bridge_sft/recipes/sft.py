@@ -41,7 +41,7 @@ PRECISIONS = ("bf16-mixed", "fp16-mixed", "fp32")
 
 def sft(
     hf_path: str,
-    data: str | list[str] | None = None,
+    data: str | list | None = None,
     *,
     dataset: DatasetProvider | None = None,
     output_dir: str = "outputs/sft",
@@ -49,6 +49,8 @@ def sft(
     validation_data: str | list[str] | None = None,
     validation_fraction: float = 0.02,
     packing: bool = True,
+    padding: str = "longest",
+    mix_by: str = "samples",
     train_on: str = "assistant",
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -77,9 +79,16 @@ def sft(
 ) -> ConfigContainer:
     """Full fine-tuning (or LoRA with ``peft="lora"``) of the HF model at ``hf_path``.
 
-    ``data``: chat data file(s) or directory for ``SFTDatasetProvider``; or pass a
-    ready ``dataset`` provider. Validation uses ``validation_data``, or else a
-    ``validation_fraction`` of ``data`` held out (chosen with ``seed``).
+    ``data``: chat data file(s) or directory for ``SFTDatasetProvider``, or several
+    weighted sources (``["chat.jsonl:0.7", "code.jsonl:0.3"]``, ``PATH:Nx`` for epochs, or
+    ``{path, weight, format, columns, train_on, system_prompt, validation}`` mappings),
+    mixed by ``mix_by`` (``"samples"`` or ``"tokens"``; see ``bridge_sft.data.mixing``);
+    or pass a ready ``dataset`` provider. Validation uses ``validation_data``, or else a
+    ``validation_fraction`` of ``data`` (of each source) held out (chosen with ``seed``).
+    ``padding`` (``packing=False``): ``"longest"`` pads each micro-batch to its longest
+    sample (a multiple of 64 and of the parallelism's needs; pipeline stages then
+    exchange shapes, ``model.variable_seq_lengths``), ``"seq_length"`` pads every sample
+    to ``seq_length``.
     ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"`` or ``"fp32"``. Outputs
     (checkpoints, TensorBoard logs, data cache) go under ``output_dir``.
     ``save_hf``: with every checkpoint also write the HF weights to
@@ -100,6 +109,11 @@ def sft(
     model.context_parallel_size = context_parallel
     model.sequence_parallel = sequence_parallel
     model.pipeline_dtype = torch.bfloat16 if pipeline_parallel > 1 and precision == "bf16-mixed" else None
+    # Micro-batches of different lengths (dynamic padding): pipeline stages must exchange tensor shapes. Bridge's
+    # provider turns model.variable_seq_lengths on when it finalizes with PP > 1 and this flag (its in-batch
+    # packing's), after megatron-core's own checks, which reject variable lengths with the default MoE dispatcher
+    # even for dense models; setting variable_seq_lengths here would trip that check.
+    model._enable_in_batch_packing = not packing and padding == "longest"
     if precision == "fp32":
         model.bf16, model.fp16, model.params_dtype = False, False, torch.float32
 
@@ -111,6 +125,8 @@ def sft(
             tokenizer_path=hf_path,
             seq_length=seq_length,
             packing=packing,
+            padding=padding,
+            mix_by=mix_by,
             train_on=train_on,
             validation_path=validation_data,
             validation_fraction=0.0 if validation_data else validation_fraction,
