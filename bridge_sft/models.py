@@ -131,7 +131,7 @@ def check_model(config) -> None:
 
 def check_provider(model) -> None:
     """``check_model`` for a model provider on its own."""
-    if isinstance(model, OlMoEModelProvider) and model.tensor_model_parallel_size > 1:
+    if isinstance(model, OlMoEModelProvider) and getattr(model, "tensor_model_parallel_size", 1) > 1:
         # Bridge's OLMoE attention normalises q and k over all heads, which a tensor-parallel rank does not hold.
         raise UnsupportedModelError(
             f"model.tensor_model_parallel_size={model.tensor_model_parallel_size}: Megatron-Bridge 0.6.2's OLMoE "
@@ -141,7 +141,7 @@ def check_provider(model) -> None:
     if runtime.mode() in ("cpu", "no_te"):
         where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"
         needs_te = {
-            "context_parallel_size": model.context_parallel_size > 1,
+            "context_parallel_size": getattr(model, "context_parallel_size", 1) > 1,
             "fp8": bool(getattr(model, "fp8", None)),
             "fp4": bool(getattr(model, "fp4", None)),
         }
