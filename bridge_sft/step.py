@@ -40,6 +40,7 @@ from megatron.core.utils import get_model_config  # noqa: E402
 
 from bridge_sft.batch import normalize_batch  # noqa: E402
 from bridge_sft.callbacks import count_tokens  # noqa: E402
+from bridge_sft import moe  # noqa: E402
 
 
 class DataExhaustedError(RuntimeError):
@@ -98,6 +99,10 @@ def forward_step(
     pg_collection = get_pg_collection(model)
     vp_stage = get_model_chunk_vp_stage(model)
     batches = _SFTBatches(data_iterator, state, training=model.training)
+    routing = None  # MoE training: padding mask for the routers, router losses weighted as in pretraining
+    if model.training and moe.is_moe(config):
+        routing = moe.MicroBatchRouting.next(data_iterator, batches, config, pg_collection)
+        batches = iter([routing.batch])
 
     state.timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_metadata = get_batch(
@@ -130,8 +135,12 @@ def forward_step(
         check_for_nan_in_loss=state.cfg.rerun_state_machine.check_for_nan_in_loss,
         check_for_spiky_loss=state.cfg.rerun_state_machine.check_for_spiky_loss,
     )
-    if return_schedule_plan:  # MoE expert-parallel communication overlap
-        plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+    router_inputs = {}
+    if routing is not None and routing.padding_mask is not None:
+        router_inputs["padding_mask"] = routing.model_padding_mask(model, config, pg_collection)
+    if return_schedule_plan:  # MoE expert-parallel communication overlap (bridge_sft.train rejects router losses)
+        plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask,
+                                         **router_inputs)
         return plan, loss_func
     output = model(
         input_ids=tokens,
@@ -139,5 +148,8 @@ def forward_step(
         attention_mask=attention_mask,
         labels=labels,
         packed_seq_params=packed_seq_params,
+        **router_inputs,
     )
+    if routing is not None:
+        routing.weight_router_losses(output, config, pg_collection)
     return output, loss_func

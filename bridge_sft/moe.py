@@ -1,0 +1,224 @@
+"""Mixture-of-experts SFT: router losses weighted as in pretraining, router health in the log, MoE config checks.
+
+Router losses under per-token averaging
+---------------------------------------
+megatron-core's router adds its load-balancing loss (``aux_loss``, ``seq_aux_loss``,
+``global_aux_loss``) and z-loss to the backward pass through ``MoEAuxLossAutoScaler``.
+With ``calculate_per_token_loss=True`` (bridge-sft's default) it multiplies each loss by
+the number of tokens the router saw (``V``, times the TP x CP size) because
+``finalize_model_grads`` later divides *every* gradient by the global token count ``N``;
+megatron's derivation assumes ``N`` counts the same tokens as the routers, so the two
+factors cancel to the pretraining weighting: each micro-batch's router loss enters the
+gradient with ``1 / (num_micro_batches x dp_size)``.
+
+In SFT, ``N`` counts the *supervised* tokens (``loss_mask.sum()`` over the global batch)
+while the routers see every token: prompts, and padding unless a padding mask reaches them.
+The router-loss gradient then comes out multiplied by (routed tokens / supervised tokens):
+about 2x on chat data, 10x on long-prompt data, and a different factor every step.
+
+bridge-sft restores the pretraining weighting from its own forward step, without touching
+megatron's code: at the first micro-batch of a training step it reads the step's
+micro-batches ahead (``RouterLossWeighting``), sums their supervised tokens over the
+data-parallel ranks (one scalar all-reduce per step: the same ``N`` that
+``finalize_model_grads`` divides by), and registers a gradient hook on the micro-batch's
+model output. When that micro-batch's backward pass starts (before any router's), the hook
+sets ``MoEAuxLossAutoScaler``'s backward scale to ``N / (num_micro_batches x dp_size x V x
+tp_cp_size)`` times the usual loss scale, so that after ``finalize_model_grads`` each
+router loss contributes exactly ``coeff x d(aux)/dW / (num_micro_batches x dp_size)``:
+independent of how many tokens are supervised. A hook per micro-batch (not megatron's
+``moe_grad_scale_func``, which is read at the *forward* of a micro-batch) keeps the right
+scale with pipeline parallelism, where forwards and backwards of different micro-batches
+interleave.
+
+Padding is never counted as routed: datasets that mark padding slots with a
+``padding_mask`` (bool, True = padding; bridge-sft's packed and unpacked datasets do) have
+the mask passed to the model, which excludes those tokens from the routers' losses, token
+counts and expert-bias statistics (megatron's ``padding_mask`` argument).
+
+This module needs megatron at import time; it is imported by ``bridge_sft.step`` and
+``bridge_sft.train`` after the CPU runtime gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from bridge_sft import cpu  # noqa: F401  (the CPU runtime gate runs before megatron is imported)
+
+from megatron.core.num_microbatches_calculator import get_num_microbatches  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+PADDING_MASK_KEY = "padding_mask"  # dataset key: bool [b, s], True at padding slots (megatron's convention)
+_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+def is_moe(model_config) -> bool:
+    """True for a model with routed experts (``num_moe_experts`` set)."""
+    return bool(getattr(model_config, "num_moe_experts", None))
+
+
+def router_loss_coefficients(model_config) -> dict[str, float]:
+    """The router losses a config turns on: ``{"aux_loss": c, "seq_aux_loss": c, "global_aux_loss": c,
+    "z_loss": c}`` restricted to non-zero coefficients (megatron's ``TopKRouter.get_aux_loss_coeff`` rules:
+    ``moe_router_load_balancing_type`` is one type or a list matched with a list of coefficients)."""
+    types = getattr(model_config, "moe_router_load_balancing_type", None) or ""
+    coeffs = getattr(model_config, "moe_aux_loss_coeff", 0.0) or 0.0
+    active: dict[str, float] = {}
+    if isinstance(types, str):
+        if types in _AUX_LOSS_TYPES and coeffs:
+            active[types] = float(coeffs)
+    else:
+        for name, coeff in zip(types, coeffs if isinstance(coeffs, (list, tuple)) else [coeffs] * len(types)):
+            if name in _AUX_LOSS_TYPES and coeff:
+                active[name] = float(coeff)
+    z = getattr(model_config, "moe_z_loss_coeff", None)
+    if z:
+        active["z_loss"] = float(z)
+    return active
+
+
+# ---------------------------------------------------------------------------
+# Router-loss weighting (see the module docstring).
+
+
+@dataclass
+class _StepLookahead:
+    """One training step's micro-batches on this rank, read at its first micro-batch."""
+
+    batches: deque
+    supervised_tokens: torch.Tensor  # global supervised-token count of the step (fp64 scalar)
+
+
+_LOOKAHEAD: "weakref.WeakKeyDictionary[Any, _StepLookahead]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class MicroBatchRouting:
+    """What the forward step needs to route one training micro-batch of an MoE model.
+
+    ``batch``: the micro-batch without its padding mask (what Bridge's ``get_batch`` reads);
+    ``padding_mask``: bool ``[b, s]`` (True = padding) or None when the dataset marks none;
+    ``step_supervised_tokens``: the step's global supervised-token count, or None when the
+    step has no router loss to weight.
+    """
+
+    batch: dict
+    padding_mask: torch.Tensor | None
+    step_supervised_tokens: torch.Tensor | None
+
+    @classmethod
+    def next(cls, data_iterator: Iterator, batches: Iterator[dict], model_config, pg_collection) -> "MicroBatchRouting":
+        """Take the next training micro-batch from ``batches`` (normalised batches read from
+        ``data_iterator``). At a step's first micro-batch with router losses on, read the step's
+        ``get_num_microbatches()`` micro-batches ahead and all-reduce their supervised tokens over
+        the data-parallel group; later micro-batches of the step come from that read-ahead."""
+        ahead = _LOOKAHEAD.get(data_iterator) if data_iterator is not None else None
+        if ahead is not None and ahead.batches:
+            batch, supervised = ahead.batches.popleft(), ahead.supervised_tokens
+        elif data_iterator is not None and router_loss_coefficients(model_config):
+            step = [next(batches) for _ in range(get_num_microbatches())]
+            local = sum(int(b["loss_mask"].float().sum().item()) for b in step)  # as masked_next_token_loss counts
+            supervised = torch.tensor(float(local), dtype=torch.float64, device=torch.cuda.current_device())
+            torch.distributed.all_reduce(supervised, group=pg_collection.dp)
+            ahead = _StepLookahead(deque(step), supervised)
+            _LOOKAHEAD[data_iterator] = ahead
+            batch = ahead.batches.popleft()
+        else:
+            batch, supervised = next(batches), None
+        batch = dict(batch)
+        padding_mask = batch.pop(PADDING_MASK_KEY, None)
+        if padding_mask is not None:
+            padding_mask = padding_mask.bool()
+            if padding_mask.dim() == 1:
+                padding_mask = padding_mask.unsqueeze(0)
+        return cls(batch, padding_mask, supervised)
+
+    def model_padding_mask(self, model, model_config, pg_collection) -> torch.Tensor | None:
+        """The padding mask for ``model(..., padding_mask=...)``: sliced for this context-parallel rank
+        as Bridge's ``get_batch`` slices the tokens; on pipeline stages after the first, also for this
+        sequence-parallel rank (the embedding stage slices it inside ``GPTModel`` itself)."""
+        if self.padding_mask is None:
+            return None
+        mask = _cp_slice(self.padding_mask, self.batch, pg_collection)
+        if model_config.sequence_parallel and not _unwrap(model).pre_process:
+            mask = _sp_slice(mask, pg_collection.tp)
+        return mask.to(device=torch.cuda.current_device())
+
+    def routed_tokens(self, model_config, pg_collection) -> torch.Tensor:
+        """``V``: the tokens this rank's routers count for their loss scaling (non-padding tokens of the
+        micro-batch on this CP rank and, with sequence parallelism, this TP rank's share of them)."""
+        mask = self.padding_mask
+        if mask is None:
+            mask = torch.zeros(self.batch["tokens"].shape, dtype=torch.bool)
+        mask = _cp_slice(mask, self.batch, pg_collection)
+        if model_config.sequence_parallel:
+            mask = _sp_slice(mask, pg_collection.tp)
+        return (~mask).sum().to(torch.float64)
+
+    def weight_router_losses(self, output: torch.Tensor, model_config, pg_collection) -> None:
+        """Register the hook that sets this micro-batch's router-loss backward scale (module docstring)."""
+        if self.step_supervised_tokens is None or not output.requires_grad:
+            return
+        routed = self.routed_tokens(model_config, pg_collection).to(self.step_supervised_tokens.device)
+        divisor = get_num_microbatches() * pg_collection.dp.size() * routed * pg_collection.tp_cp.size()
+        # finalize_model_grads divides by max(N, 1); a micro-batch with no routed token has no router loss.
+        scale = torch.where(routed > 0, self.step_supervised_tokens.clamp(min=1) / divisor.clamp(min=1), 0.0)
+
+        def set_router_loss_scale(grad: torch.Tensor) -> None:
+            base = _loss_scale(model_config, grad.device)
+            MoEAuxLossAutoScaler.set_loss_scale((base * scale.to(device=grad.device, dtype=base.dtype)).reshape(base.shape))
+
+        output.register_hook(set_router_loss_scale)
+
+
+def _loss_scale(model_config, device) -> torch.Tensor:
+    """The loss scale megatron gives the router losses (``schedules._get_moe_loss_scale``): the MoE or
+    main gradient scale function's value (fp16 loss scaling), else 1."""
+    if getattr(model_config, "moe_grad_scale_func", None) is not None:
+        return torch.as_tensor(model_config.moe_grad_scale_func(), device=device).reshape(1).float()
+    if getattr(model_config, "grad_scale_func", None) is not None:
+        return torch.as_tensor(model_config.grad_scale_func(torch.ones(1, device=device)), device=device).reshape(1)
+    return torch.ones(1, device=device)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _cp_slice(mask: torch.Tensor, batch: dict, pg_collection) -> torch.Tensor:
+    """``mask`` [b, s] sliced for this context-parallel rank exactly as Bridge's ``get_batch`` slices
+    the tokens of ``batch`` (packed: per-document partition; else megatron's zigzag)."""
+    cp_group = pg_collection.cp
+    if cp_group.size() == 1:
+        return mask
+    from megatron.bridge.training import gpt_step
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    side = {k: v for k, v in batch.items() if k.startswith("cu_seqlens") or k.startswith("max_seqlen")}
+    side["padding_mask"] = mask
+    if gpt_step._has_packed_sequence_metadata(side):
+        side = gpt_step._partition_packed_batch_for_cp(side, cp_group)
+    else:
+        side = get_batch_on_this_cp_rank(side, is_hybrid_cp=False, cp_group=cp_group)
+    return side["padding_mask"]
+
+
+def _sp_slice(mask: torch.Tensor, tp_group) -> torch.Tensor:
+    """This tensor-parallel rank's share of the sequence dimension (what sequence parallelism scatters)."""
+    size = tp_group.size()
+    if size == 1:
+        return mask
+    chunk = mask.shape[1] // size
+    rank = tp_group.rank()
+    return mask[:, rank * chunk:(rank + 1) * chunk]
