@@ -222,3 +222,86 @@ def _sp_slice(mask: torch.Tensor, tp_group) -> torch.Tensor:
     chunk = mask.shape[1] // size
     rank = tp_group.rank()
     return mask[:, rank * chunk:(rank + 1) * chunk]
+
+
+# ---------------------------------------------------------------------------
+# CPU runtime support (wired in by bridge_sft.train.run while bridge_sft.cpu is active; it belongs in the
+# CPU runtime package once that lands).
+
+
+def configure_cpu(config) -> None:
+    """What MoE training with expert and tensor parallelism needs on the CPU runtime, after
+    ``bridge_sft.cpu.configure(config)``: the all-to-all dispatcher's split sizes on the host
+    (``enable_cpu_expert_parallel``) and, with ``model.sequence_parallel`` (which megatron's MoE layer
+    requires for TP > 1), local-spec norms that support it (``sequence_parallel_local_layer_spec``)."""
+    enable_cpu_expert_parallel()
+    if config.model.sequence_parallel:
+        config.model.transformer_layer_spec = sequence_parallel_local_layer_spec
+
+
+def enable_cpu_expert_parallel() -> None:
+    """Let megatron's all-to-all token dispatcher run on the CPU runtime (idempotent).
+
+    The dispatcher moves its split sizes to the host with ``moe_utils.maybe_move_tensor_to_cpu(t,
+    as_numpy=True)``, which converts only CUDA tensors; on the CPU runtime the "device" tensors are
+    already CPU tensors, so they stayed tensors and ``torch.distributed.all_to_all_single`` rejected
+    them as split sizes. The dispatcher's reference to that helper is replaced by one that also
+    converts CPU tensors. gloo itself has every collective the all-to-all dispatcher uses on the SFT
+    path (all_to_all_single with uneven splits, all_gather_into_tensor, reduce_scatter_tensor):
+    checked by the EP=2 and EP=2 x TP=2 tests.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if getattr(token_dispatcher.maybe_move_tensor_to_cpu, "_bridge_sft_cpu", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy() if as_numpy else tensor
+        return moe_utils.maybe_move_tensor_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._bridge_sft_cpu = True
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+class SequenceParallelTorchNorm:
+    """megatron-core's ``WrappedTorchNorm`` (torch LayerNorm / RMSNorm) for sequence parallelism.
+
+    ``WrappedTorchNorm`` refuses ``sequence_parallel`` because nothing marks its weights for the
+    tensor-parallel gradient all-reduce: with sequence parallelism each TP rank normalises its own
+    slice of the sequence and holds a partial gradient. This builds the same torch module and marks
+    its parameters ``sequence_parallel`` as Transformer Engine's norms do, so that
+    ``finalize_model_grads`` sums those gradients over the TP group.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        from types import SimpleNamespace
+
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        fields = ("layernorm_zero_centered_gamma", "persist_layer_norm", "memory_efficient_layer_norm",
+                  "normalization")
+        view = SimpleNamespace(sequence_parallel=False, **{name: getattr(config, name) for name in fields})
+        norm = WrappedTorchNorm(view, hidden_size, eps)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def sequence_parallel_local_layer_spec(config, vp_stage: int | None = None):
+    """Bridge's ``local_layer_spec`` with ``SequenceParallelTorchNorm`` for every norm (the layers' and
+    the final one), as a block spec; the core attention is the one Bridge's provider installs for the
+    local backend (``bridge_sft.no_te``'s packed attention)."""
+    from megatron.bridge.models import gpt_provider
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = gpt_provider.local_layer_spec(config)
+    attention = layer.submodules.self_attention.submodules
+    for owner, name in ((layer.submodules, "input_layernorm"), (layer.submodules, "pre_mlp_layernorm"),
+                        (attention, "q_layernorm"), (attention, "k_layernorm")):
+        if getattr(owner, name, None) is WrappedTorchNorm:
+            setattr(owner, name, SequenceParallelTorchNorm)
+    attention.core_attention = gpt_provider.MCoreDotProductAttention
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelTorchNorm)

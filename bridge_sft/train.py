@@ -20,7 +20,7 @@ cpu.maybe_enable()  # before megatron.bridge: without CUDA, Bridge cannot be imp
 from megatron.bridge.training.config import ConfigContainer  # noqa: E402
 from megatron.bridge.training.finetune import finetune  # noqa: E402
 
-from bridge_sft import bridge_fixes, no_te  # noqa: E402
+from bridge_sft import bridge_fixes, moe, no_te  # noqa: E402
 from bridge_sft.step import forward_step  # noqa: E402
 from bridge_sft.callbacks import TokenThroughput  # noqa: E402
 
@@ -88,6 +88,7 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     """
     if cpu.maybe_enable(device):
         cpu.configure(config)
+        moe.configure_cpu(config)  # expert/sequence parallelism on the CPU runtime (see bridge_sft.moe)
     elif no_te.is_enabled():  # a GPU host without Transformer Engine
         no_te.configure_model(config.model)
     _single_process_rendezvous()
