@@ -52,6 +52,7 @@ import torch
 
 from bridge_sft import cpu  # noqa: F401  (the CPU runtime gate runs before megatron is imported)
 
+from megatron.bridge.training.callbacks import Callback  # noqa: E402
 from megatron.core.num_microbatches_calculator import get_num_microbatches  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
@@ -222,6 +223,209 @@ def _sp_slice(mask: torch.Tensor, tp_group) -> torch.Tensor:
     chunk = mask.shape[1] // size
     rank = tp_group.rank()
     return mask[:, rank * chunk:(rank + 1) * chunk]
+
+
+# ---------------------------------------------------------------------------
+# Config checks (bridge_sft.train.check_config runs them before anything is written).
+
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none")
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+DISPATCHERS = ("alltoall", "allgather", "flex")
+
+
+def check_moe_config(config, world_size: int | None = None) -> None:
+    """Reject expert-parallel and router settings that cannot train, with one line naming the key and
+    the fix (megatron-core would stop later, in setup or at the first forward, with its own wording).
+    ``world_size``: the run's number of processes, when known (not in a dry run)."""
+    model = config.model
+    ep = model.expert_model_parallel_size or 1
+    etp = model.expert_tensor_parallel_size or model.tensor_model_parallel_size or 1
+    if not is_moe(model):
+        if ep > 1:
+            raise ValueError(
+                f"model.expert_model_parallel_size={ep}, but this model has no experts (model.num_moe_experts is "
+                "unset): expert parallelism splits the experts of a mixture-of-experts model. Set "
+                "model.expert_model_parallel_size=1 (use tensor_parallel or data parallelism for a dense model).")
+        return
+    experts = model.num_moe_experts
+    if experts % ep:
+        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
+        raise ValueError(
+            f"model.expert_model_parallel_size={ep} does not divide model.num_moe_experts={experts}: every "
+            f"expert-parallel rank holds the same number of experts. Use one of {divisors}.")
+    pp = model.pipeline_model_parallel_size or 1
+    if world_size is not None and world_size % (ep * etp * pp):
+        raise ValueError(
+            f"the world size {world_size} is not a multiple of model.expert_model_parallel_size={ep} x "
+            f"model.expert_tensor_parallel_size={etp} x model.pipeline_model_parallel_size={pp} = {ep * etp * pp}: "
+            "the expert layers need whole expert-parallel groups. Change expert_model_parallel_size or the "
+            "number of processes (torchrun --nproc-per-node).")
+    topk = model.moe_router_topk
+    if not 1 <= topk <= experts:
+        raise ValueError(f"model.moe_router_topk={topk} must be between 1 and model.num_moe_experts={experts}.")
+    types = model.moe_router_load_balancing_type
+    type_list = [types] if isinstance(types, str) else list(types)
+    unknown = [t for t in type_list if t not in LOAD_BALANCING_TYPES]
+    if unknown:
+        raise ValueError(f"model.moe_router_load_balancing_type={types!r}: unknown {unknown}; use one of "
+                         f"{list(LOAD_BALANCING_TYPES)} (or a list of aux-loss types).")
+    coeffs = model.moe_aux_loss_coeff
+    if not isinstance(types, str) and (not isinstance(coeffs, (list, tuple)) or len(coeffs) != len(type_list)):
+        raise ValueError(f"model.moe_router_load_balancing_type is a list ({types}), so model.moe_aux_loss_coeff "
+                         f"must be a list of as many coefficients (got {coeffs!r}).")
+    for exclusive in ("sinkhorn", "quantile_balancing"):
+        if exclusive in type_list and any(c > 0 for c in (coeffs if isinstance(coeffs, (list, tuple)) else [coeffs])):
+            raise ValueError(f"model.moe_router_load_balancing_type={exclusive!r} balances the load without an "
+                             f"auxiliary loss: set model.moe_aux_loss_coeff=0 (got {coeffs}).")
+    if model.moe_router_score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"model.moe_router_score_function={model.moe_router_score_function!r}: use one of "
+                         f"{list(SCORE_FUNCTIONS)}.")
+    if model.moe_router_enable_expert_bias and model.moe_router_score_function == "softmax":
+        raise ValueError("model.moe_router_enable_expert_bias=true needs model.moe_router_score_function='sigmoid' "
+                         "(or 'sqrtsoftplus'): set it, or model.moe_router_enable_expert_bias=false.")
+    groups = model.moe_router_num_groups
+    if model.moe_router_group_topk and (not groups or experts % groups or model.moe_router_group_topk > groups):
+        raise ValueError(f"model.moe_router_group_topk={model.moe_router_group_topk} needs "
+                         f"model.moe_router_num_groups dividing num_moe_experts={experts} and at least group_topk "
+                         f"(got {groups}).")
+    if model.moe_token_dispatcher_type not in DISPATCHERS:
+        raise ValueError(f"model.moe_token_dispatcher_type={model.moe_token_dispatcher_type!r}: use one of "
+                         f"{list(DISPATCHERS)}.")
+    capacity = model.moe_expert_capacity_factor
+    if capacity is not None and any(t in ("sinkhorn", "quantile_balancing") for t in type_list):
+        raise ValueError(f"model.moe_expert_capacity_factor={capacity} (token dropping) works with the aux-loss "
+                         f"load-balancing types or 'none', not {types!r}: unset one of them.")
+    if model.moe_pad_expert_input_to_capacity and capacity is None:
+        raise ValueError("model.moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor "
+                         "(e.g. 1.0): set it, or moe_pad_expert_input_to_capacity=false.")
+    if (model.tensor_model_parallel_size or 1) > 1 and not model.sequence_parallel:
+        raise ValueError(f"model.tensor_model_parallel_size={model.tensor_model_parallel_size} with experts needs "
+                         "sequence parallelism (megatron-core's MoE layer refuses to train without it): set "
+                         "sequence_parallel=true.")
+    overlap = getattr(getattr(config, "comm_overlap", None), "overlap_moe_expert_parallel_comm", False)
+    if overlap and router_loss_coefficients(model) and model.calculate_per_token_loss:
+        raise ValueError(
+            "comm_overlap.overlap_moe_expert_parallel_comm=true runs the forward and backward of two "
+            "micro-batches interleaved, where bridge-sft cannot give each micro-batch its router-loss weight "
+            "(README 'Mixture-of-experts models'). Set it to false, or turn the router losses off "
+            "(model.moe_aux_loss_coeff=0, model.moe_z_loss_coeff=null).")
+
+
+# ---------------------------------------------------------------------------
+# Router health in the log.
+
+IMBALANCE_THRESHOLD = 3.0  # busiest expert / mean tokens per expert of a layer over one log interval
+IMBALANCE_INTERVALS = 5  # consecutive log intervals above the threshold before the warning
+
+
+class RouterHealth(Callback):
+    """Per log interval (``logger.log_interval``): each MoE layer's expert load imbalance and, with a
+    capacity factor, the dropped tokens; in the console and in TensorBoard.
+
+    - imbalance of layer L = max over experts / mean over experts of the tokens routed to each expert
+      of L during the interval (all ranks, padding excluded, after token dropping): 1.0 is perfectly
+      balanced, ``num_experts / topk`` means every token went to the same ``topk`` experts. TensorBoard:
+      ``moe/expert_load_imbalance_layer_L`` and ``moe/expert_load_imbalance_max``.
+    - dropped tokens (only when ``model.moe_expert_capacity_factor`` is set): token-to-expert
+      assignments the capacity limit removed, as a count and as a share of all assignments;
+      TensorBoard ``moe/dropped_token_assignments``.
+    - a warning when a layer's imbalance stays above ``imbalance_threshold`` for ``intervals``
+      consecutive log intervals (the fine-tune is collapsing onto few experts).
+
+    The load-balancing loss and z-loss values are in Bridge's own iteration line and TensorBoard
+    (``load_balancing_loss``, ``z_loss``; per layer with ``model.moe_per_layer_logging=true``) whenever
+    their coefficients are non-zero. Counting runs on the device in the routers' forward hooks (no
+    synchronisation inside a step); one small all-reduce per log interval.
+    """
+
+    def __init__(self, imbalance_threshold: float = IMBALANCE_THRESHOLD, intervals: int = IMBALANCE_INTERVALS):
+        self.imbalance_threshold = imbalance_threshold
+        self.intervals = intervals
+        self.history: list[dict] = []  # per logged interval: iteration, imbalance per layer, dropped
+        self._counts: torch.Tensor | None = None  # [layers, experts] token assignments kept
+        self._offered: torch.Tensor | None = None  # [layers] token assignments asked for (tokens x topk)
+        self._streak: dict[int, int] = {}
+        self._hooks: list = []
+
+    def on_train_start(self, context) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        config = context.state.cfg.model
+        routers = [m for chunk in context.model for m in _unwrap(chunk).modules() if isinstance(m, TopKRouter)]
+        layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self._counts = torch.zeros(layers, config.num_moe_experts, dtype=torch.float64, device=device)
+        self._offered = torch.zeros(layers, dtype=torch.float64, device=device)
+        self._hooks = [router.register_forward_hook(self._count) for router in routers]
+
+    def _count(self, router, args, output) -> None:
+        if not (router.training and torch.is_grad_enabled()):  # training forwards once (recompute: the 2nd pass)
+            return
+        probs, routing_map = output
+        kept = routing_map.bool() & (probs != 0)  # with pad-to-capacity the map also marks the padded slots
+        tokens = routing_map.shape[0]
+        padding = args[1] if len(args) > 1 else None
+        if padding is not None:
+            valid = ~padding.reshape(-1, 1)
+            kept = kept & valid
+            tokens = valid.sum()
+        layer = router.layer_number - 1 + (router.config.num_layers if router.is_mtp_layer else 0)
+        self._counts[layer] += kept.sum(dim=0)
+        self._offered[layer] += tokens * router.topk
+
+    def on_train_step_end(self, context) -> None:
+        state = context.state
+        iteration = state.train_state.step + 1
+        if self._counts is None or iteration % (state.cfg.logger.log_interval or 1):
+            return
+        both = torch.cat([self._counts, self._offered[:, None]], dim=1)
+        torch.distributed.all_reduce(both)  # every rank holds its own tokens (DP, EP, CP, SP shards) or zeros
+        counts, offered = both[:, :-1], both[:, -1]
+        self._counts.zero_()
+        self._offered.zero_()
+        moe_layers = (counts.sum(dim=1) > 0).nonzero().flatten().tolist()
+        imbalance = {layer + 1: (counts[layer].max() / counts[layer].mean()).item() for layer in moe_layers}
+        dropped = (offered.sum() - counts.sum()).item()
+        share = dropped / max(offered.sum().item(), 1.0)
+        capacity = getattr(state.cfg.model, "moe_expert_capacity_factor", None) is not None
+        self.history.append({"iteration": iteration, "imbalance": imbalance, "dropped": dropped if capacity else None})
+        if not imbalance:
+            return
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            layers = " ".join(f"{value:.2f}" for value in imbalance.values())
+            line = f" [bridge-sft] iteration {iteration:>8} | expert load max/mean per layer: {layers}"
+            if capacity:
+                line += f" | dropped token assignments: {dropped:,.0f} ({share:.2%})"
+            print(line, flush=True)
+            writer = getattr(state, "tensorboard_logger", None)
+            if writer is not None:
+                for layer, value in imbalance.items():
+                    writer.add_scalar(f"moe/expert_load_imbalance_layer_{layer}", value, iteration)
+                writer.add_scalar("moe/expert_load_imbalance_max", max(imbalance.values()), iteration)
+                if capacity:
+                    writer.add_scalar("moe/dropped_token_assignments", dropped, iteration)
+        for layer, value in imbalance.items():
+            self._streak[layer] = self._streak.get(layer, 0) + 1 if value > self.imbalance_threshold else 0
+            if self._streak[layer] == self.intervals and torch.distributed.get_rank() == 0:
+                logger.warning(
+                    "router health: MoE layer %d has routed more than %.1fx the mean tokens per expert to its "
+                    "busiest expert for %d log intervals in a row (now %.2fx, iteration %d): the fine-tune is "
+                    "collapsing onto few experts. Raise model.moe_aux_loss_coeff, lower the learning rate, or "
+                    "freeze the routers; see README 'Mixture-of-experts models'.",
+                    layer, self.imbalance_threshold, self.intervals, value, iteration)
+
+    def on_train_end(self, context) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def callbacks_for(config, given=()) -> list:
+    """The MoE callbacks ``bridge_sft.train.run`` adds: a ``RouterHealth`` for an MoE model, unless the
+    caller passed one of their own (to set its threshold)."""
+    if not is_moe(config.model) or any(isinstance(c, RouterHealth) for c in given or ()):
+        return []
+    return [RouterHealth()]
 
 
 # ---------------------------------------------------------------------------

@@ -49,8 +49,10 @@ def use_per_token_loss(config: ConfigContainer) -> ConfigContainer:
     return config
 
 
-def check_config(config: ConfigContainer) -> None:
-    """Reject configs that cannot train correctly; warn about ones that train differently."""
+def check_config(config: ConfigContainer, world_size: int | None = None) -> None:
+    """Reject configs that cannot train correctly; warn about ones that train differently.
+    ``world_size``: the number of processes of the run, when known (checked against the parallelism)."""
+    moe.check_moe_config(config, world_size)
     if not config.model.calculate_per_token_loss:
         warnings.warn(MEAN_OF_MEANS_WARNING, stacklevel=2)
     elif config.ddp.average_in_collective:
@@ -93,9 +95,10 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
         no_te.configure_model(config.model)
     _single_process_rendezvous()
     bridge_fixes.apply()
-    check_config(config)
+    check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     throughput = TokenThroughput()
-    finetune(config, forward_step_func, callbacks=[throughput, *(callbacks or [])])
+    callbacks = [throughput, *moe.callbacks_for(config, callbacks), *(callbacks or [])]
+    finetune(config, forward_step_func, callbacks=callbacks)
     return throughput.totals
 
 
