@@ -42,7 +42,7 @@ This module needs megatron at import time; it is imported by ``bridge_sft.step``
 from __future__ import annotations
 
 import logging
-import math
+import sys
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -407,12 +407,12 @@ class RouterHealth(Callback):
         for layer, value in imbalance.items():
             self._streak[layer] = self._streak.get(layer, 0) + 1 if value > self.imbalance_threshold else 0
             if self._streak[layer] == self.intervals and torch.distributed.get_rank() == 0:
-                logger.warning(
-                    "router health: MoE layer %d has routed more than %.1fx the mean tokens per expert to its "
-                    "busiest expert for %d log intervals in a row (now %.2fx, iteration %d): the fine-tune is "
-                    "collapsing onto few experts. Raise model.moe_aux_loss_coeff, lower the learning rate, or "
-                    "freeze the routers; see README 'Mixture-of-experts models'.",
-                    layer, self.imbalance_threshold, self.intervals, value, iteration)
+                # print, not logging: Bridge's logging setup filters out WARNING records
+                print(f"WARNING: router health: MoE layer {layer} has routed more than "
+                      f"{self.imbalance_threshold:.1f}x the mean tokens per expert to its busiest expert for "
+                      f"{self.intervals} log intervals in a row (now {value:.2f}x, iteration {iteration}): the "
+                      "fine-tune is collapsing onto few experts. Raise model.moe_aux_loss_coeff, lower the learning "
+                      "rate, or freeze the routers; see README 'Mixture-of-experts models'.", file=sys.stderr, flush=True)
 
     def on_train_end(self, context) -> None:
         for hook in self._hooks:

@@ -14,9 +14,11 @@ Usage: ``moe_train.py SPEC.json`` (alone, or under torchrun). SPEC keys:
   Bridge's ``gpt_step.forward_step``), ``aux`` (moe_aux_loss_coeff), ``z`` (moe_z_loss_coeff or
   None), ``capacity`` (moe_expert_capacity_factor or None), ``grads``, ``router_inputs`` (rank 0
   keeps the last MoE layer's router input and padding mask of every micro-batch)
+- ``health``: ``{"threshold": t, "intervals": n}`` for the run's ``RouterHealth`` callback
 
 The weights never move (SGD, lr 0), so every iteration's gradient is taken at the same point.
-Result JSON: ``losses`` {iteration: lm loss}, ``world_size``; ``{prefix}.router_inputs.pt``:
+Result JSON: ``losses`` {iteration: lm loss}, ``world_size``, ``health`` (``RouterHealth.history``);
+``{prefix}.router_inputs.pt``:
 ``{iteration: [(hidden [s, b, h], padding_mask [s, b] or None), ...]}`` and the router weight.
 """
 
@@ -31,6 +33,7 @@ import torch
 from bridge_sft.recipes import sft
 from bridge_sft.step import forward_step
 from bridge_sft.train import run
+from bridge_sft.moe import RouterHealth  # after bridge_sft.recipes: the CPU runtime gate
 
 from megatron.bridge.data.base import DatasetProvider  # noqa: E402  (after bridge_sft: CPU runtime)
 from megatron.bridge.training import gpt_step  # noqa: E402
@@ -170,10 +173,11 @@ def main(spec_path):
     config.model.moe_grouped_gemm = False    # model-families work lands (DESIGN.md section 7)
     for key, value in spec.get("model", {}).items():
         setattr(config.model, key, value)
+    health = RouterHealth(spec.get("health", {}).get("threshold", 3.0), spec.get("health", {}).get("intervals", 5))
     if int(os.environ.get("RANK", "0")) == 0:
         result["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
-        atexit.register(lambda: json.dump(result, open(spec["out"], "w")))
-    run(config, callbacks=[Schedule(spec, result)], forward_step_func=scheduled_forward_step)
+        atexit.register(lambda: json.dump({**result, "health": health.history}, open(spec["out"], "w")))
+    run(config, callbacks=[Schedule(spec, result), health], forward_step_func=scheduled_forward_step)
 
 
 if __name__ == "__main__":
