@@ -9,7 +9,8 @@ exactly where it stopped, without replaying data.
 The label shift happens here: for a sample with ids ``x`` (length ``n``),
 ``tokens = x[:-1]``, ``labels = x[1:]``, ``loss_mask = mask[1:]`` (aligned to
 labels). Padding slots have ``loss_mask = 0`` and the pad token id as token and
-label (never -100).
+label (never -100), and ``padding_mask = True`` (bool [S]; mixture-of-experts routers
+leave them out: ``bridge_sft.moe``).
 
 This module imports torch, not megatron.
 """
@@ -69,7 +70,8 @@ class SFTDataset(torch.utils.data.Dataset):
     """Unpacked samples, each padded to ``seq_length``.
 
     ``__getitem__`` returns ``tokens`` int64 [S], ``labels`` int64 [S],
-    ``loss_mask`` float32 [S], ``position_ids`` int64 [S] (S = ``seq_length``).
+    ``loss_mask`` float32 [S], ``position_ids`` int64 [S], ``padding_mask`` bool [S]
+    (S = ``seq_length``).
     ``indices``: the prepared samples in this split.
     """
 
@@ -111,11 +113,14 @@ class SFTDataset(torch.utils.data.Dataset):
         tokens[:n] = ids[:-1]
         labels[:n] = ids[1:]
         loss_mask[:n] = mask[1:]
+        padding_mask = torch.ones(s, dtype=torch.bool)
+        padding_mask[:n] = False
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.arange(s, dtype=torch.int64),
+            "padding_mask": padding_mask,
         }
 
 
@@ -123,7 +128,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     """Packs of samples, one pack of ``seq_length`` slots per item (THD, micro-batch size 1).
 
     ``__getitem__`` returns ``tokens``/``labels``/``position_ids`` int64 [S] and
-    ``loss_mask`` float32 [S] (position ids restart at 0 for each sample), and
+    ``loss_mask`` float32 [S] (position ids restart at 0 for each sample), ``padding_mask`` bool [S]
+    (True on the slots no sample fills), and
     ``cu_seqlens_q`` = ``cu_seqlens_kv`` int32 [n+1]: the sample boundaries,
     starting at 0 and ending at S (trailing padding is a segment of its own);
     ``max_seqlen_q`` = ``max_seqlen_kv`` int32 [1], the longest segment. With
@@ -173,6 +179,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         labels = np.full(s, self.pad_id, dtype=np.int64)
         loss_mask = np.zeros(s, dtype=np.float32)
         position_ids = np.zeros(s, dtype=np.int64)
+        padding_mask = np.ones(s, dtype=bool)
         physical, logical = [0], [0]
         pos = 0
         for sample in members.tolist():
@@ -182,6 +189,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             tokens[pos: pos + n] = ids[:-1]
             labels[pos: pos + n] = ids[1:]
             loss_mask[pos: pos + n] = mask[1:]
+            padding_mask[pos: pos + n] = False
             position_ids[pos: pos + width] = np.arange(width)
             pos += width
             physical.append(pos)
@@ -197,6 +205,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
+            "padding_mask": torch.from_numpy(padding_mask),
             "max_seqlen_q": max_seqlen,
             "max_seqlen_kv": max_seqlen,
         }

@@ -34,6 +34,7 @@ from bridge_sft.recipes import sft
 from bridge_sft.step import forward_step
 from bridge_sft.train import run
 from bridge_sft.moe import RouterHealth  # after bridge_sft.recipes: the CPU runtime gate
+from benchmarks.moe_common import apply_cpu_moe_overrides
 
 from megatron.bridge.data.base import DatasetProvider  # noqa: E402  (after bridge_sft: CPU runtime)
 from megatron.bridge.training import gpt_step  # noqa: E402
@@ -169,8 +170,7 @@ def main(spec_path):
     config.checkpoint.save = None
     config.model.expert_model_parallel_size = spec.get("ep", 1)
     config.model.expert_tensor_parallel_size = spec.get("etp", 1)
-    config.model.moe_permute_fusion = False  # TE fusions; bridge_sft's runtime turns them off once the lead's
-    config.model.moe_grouped_gemm = False    # model-families work lands (DESIGN.md section 7)
+    apply_cpu_moe_overrides(config)
     for key, value in spec.get("model", {}).items():
         setattr(config.model, key, value)
     health = RouterHealth(spec.get("health", {}).get("threshold", 3.0), spec.get("health", {}).get("intervals", 5))
