@@ -1,7 +1,8 @@
 """Router-loss weighting error of the unfixed path: by how much megatron's per-token scaling multiplies the
 load-balancing loss's gradient in SFT, on real chat data, before and after bridge-sft's fix.
 
-For each data set, one training run (tiny Qwen3-MoE of ``benchmarks.moe_common``, packed, lr 0) takes
+For each data set, one training run (tiny Qwen3-MoE of ``benchmarks.moe_common``, packed, lr 0, no
+gradient clipping: the finalized gradients are read after the optimizer step) takes
 ``batches`` global batches of the real data and runs each of them 8 times: with our forward step and
 with Bridge's ``gpt_step.forward_step`` (megatron's unfixed scaling), with the data's own loss mask and
 with every real token supervised ("all"), with the load-balancing coefficient on and at 0. The
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.moe_common import apply_cpu_moe_overrides, build_tiny_moe  # noqa: E402
+from benchmarks.moe_common import apply_cpu_moe_overrides, build_tiny_moe, set_router_coefficients  # noqa: E402
 
 AUX_COEFF = 0.01
 # iteration 8b + v runs base batch b as VARIANTS[v] = (step, mask, load-balancing loss on)
@@ -78,8 +79,8 @@ def _worker(spec_path: str) -> None:
     gbs = spec["global_batch_size"]
     config = tiny(spec["hf_path"], data=spec["data"], train_on=spec["train_on"], output_dir=spec["output_dir"],
                   seq_length=spec["seq_length"], global_batch_size=gbs, train_iters=len(VARIANTS) * spec["batches"],
-                  lr=0.0, min_lr=0.0, warmup_iters=0, eval_interval=None, eval_iters=0, save_interval=None,
-                  save_hf=False, validation_fraction=0.0, log_interval=1000)
+                  lr=0.0, min_lr=0.0, warmup_iters=0, clip_grad=0.0, eval_interval=None, eval_iters=0,
+                  save_interval=None, save_hf=False, validation_fraction=0.0, log_interval=1000)
     apply_cpu_moe_overrides(config)
     config.checkpoint.save = config.checkpoint.load = config.logger.tensorboard_dir = None
 
@@ -102,7 +103,7 @@ def _worker(spec_path: str) -> None:
     class Capture(Callback):
         def on_train_step_start(self, context):
             on = VARIANTS[context.state.train_state.step % len(VARIANTS)][2]
-            context.state.cfg.model.moe_aux_loss_coeff = AUX_COEFF if on else 0.0
+            set_router_coefficients(context, aux=AUX_COEFF if on else 0.0)
 
         def on_train_step_end(self, context):
             model = context.model[0]
@@ -164,7 +165,8 @@ def run(quick: bool = False, batches: int | None = None) -> list[dict]:
             after = [r["after"] for r in per_batch]
             rows.append({
                 "benchmark": "moe_aux_weighting", "data": label, "batches": batches, "routers": 2,
-                "supervised_share_of_slots": sum(r["supervised"] for r in per_batch) / sum(r["slots"] for r in per_batch),
+                "supervised_share_of_slots":
+                    sum(r["supervised"] for r in per_batch) / sum(r["slots"] for r in per_batch),
                 "before_mean": statistics.mean(before), "before_min": min(before), "before_max": max(before),
                 "predicted_mean": statistics.mean(predicted),
                 "before_vs_predicted_max_rel": max(abs(r["before"] / r["predicted"] - 1) for r in per_batch),

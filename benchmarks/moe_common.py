@@ -40,3 +40,16 @@ def build_tiny_moe(out: str | Path, seed: int = 0) -> Path:
 def apply_cpu_moe_overrides(config) -> None:
     for key, value in CPU_MOE_OVERRIDES.items():
         setattr(config.model, key, value)
+
+
+def set_router_coefficients(context, **coefficients) -> None:
+    """Set router-loss coefficients for the coming iteration (a Bridge callback ``context``): ``aux``
+    (``moe_aux_loss_coeff``), ``z`` (``moe_z_loss_coeff``), ``capacity`` (``moe_expert_capacity_factor``).
+    The routers read them at every forward, from their own config objects, which need not be the run's."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    names = {"aux": "moe_aux_loss_coeff", "z": "moe_z_loss_coeff", "capacity": "moe_expert_capacity_factor"}
+    routers = [m for chunk in context.model for m in chunk.modules() if isinstance(m, TopKRouter)]
+    for config in {id(c): c for c in [context.state.cfg.model, *(r.config for r in routers)]}.values():
+        for key, value in coefficients.items():
+            setattr(config, names[key], value)

@@ -117,7 +117,8 @@ class MicroBatchRouting:
     step_supervised_tokens: torch.Tensor | None
 
     @classmethod
-    def next(cls, data_iterator: Iterator, batches: Iterator[dict], model_config, pg_collection) -> "MicroBatchRouting":
+    def next(cls, data_iterator: Iterator, batches: Iterator[dict], model_config,
+             pg_collection) -> "MicroBatchRouting":
         """Take the next training micro-batch from ``batches`` (normalised batches read from
         ``data_iterator``). At a step's first micro-batch with router losses on, read the step's
         ``get_num_microbatches()`` micro-batches ahead and all-reduce their supervised tokens over
@@ -152,31 +153,33 @@ class MicroBatchRouting:
         mask = _cp_slice(self.padding_mask, self.batch, pg_collection)
         if model_config.sequence_parallel and not _unwrap(model).pre_process:
             mask = _sp_slice(mask, pg_collection.tp)
-        return mask.to(device=torch.cuda.current_device())
+        return mask.to(device=torch.cuda.current_device(), non_blocking=True)
 
-    def routed_tokens(self, model_config, pg_collection) -> torch.Tensor:
+    def routed_tokens(self, model_config, pg_collection) -> int:
         """``V``: the tokens this rank's routers count for their loss scaling (non-padding tokens of the
-        micro-batch on this CP rank and, with sequence parallelism, this TP rank's share of them)."""
+        micro-batch on this CP rank and, with sequence parallelism, this TP rank's share of them).
+        Counted on the host copy of the batch: no device synchronisation."""
         mask = self.padding_mask
         if mask is None:
             mask = torch.zeros(self.batch["tokens"].shape, dtype=torch.bool)
         mask = _cp_slice(mask, self.batch, pg_collection)
         if model_config.sequence_parallel:
             mask = _sp_slice(mask, pg_collection.tp)
-        return (~mask).sum().to(torch.float64)
+        return int((~mask).sum())
 
     def weight_router_losses(self, output: torch.Tensor, model_config, pg_collection) -> None:
         """Register the hook that sets this micro-batch's router-loss backward scale (module docstring)."""
         if self.step_supervised_tokens is None or not output.requires_grad:
             return
-        routed = self.routed_tokens(model_config, pg_collection).to(self.step_supervised_tokens.device)
+        routed = self.routed_tokens(model_config, pg_collection)
         divisor = get_num_microbatches() * pg_collection.dp.size() * routed * pg_collection.tp_cp.size()
         # finalize_model_grads divides by max(N, 1); a micro-batch with no routed token has no router loss.
-        scale = torch.where(routed > 0, self.step_supervised_tokens.clamp(min=1) / divisor.clamp(min=1), 0.0)
+        supervised = self.step_supervised_tokens.clamp(min=1)
+        scale = supervised / divisor if routed else torch.zeros_like(supervised)
 
         def set_router_loss_scale(grad: torch.Tensor) -> None:
             base = _loss_scale(model_config, grad.device)
-            MoEAuxLossAutoScaler.set_loss_scale((base * scale.to(device=grad.device, dtype=base.dtype)).reshape(base.shape))
+            MoEAuxLossAutoScaler.set_loss_scale((base * scale.to(base.dtype)).reshape(base.shape))
 
         output.register_hook(set_router_loss_scale)
 
@@ -412,7 +415,8 @@ class RouterHealth(Callback):
                       f"{self.imbalance_threshold:.1f}x the mean tokens per expert to its busiest expert for "
                       f"{self.intervals} log intervals in a row (now {value:.2f}x, iteration {iteration}): the "
                       "fine-tune is collapsing onto few experts. Raise model.moe_aux_loss_coeff, lower the learning "
-                      "rate, or freeze the routers; see README 'Mixture-of-experts models'.", file=sys.stderr, flush=True)
+                      "rate, or freeze the routers; see README 'Mixture-of-experts models'.",
+                      file=sys.stderr, flush=True)
 
     def on_train_end(self, context) -> None:
         for hook in self._hooks:

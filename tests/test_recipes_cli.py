@@ -186,7 +186,8 @@ def test_moe_presets_build_the_published_model_with_bridges_parallelism(preset_s
                 full["lr"], full["peft"]) == (1, 1, False, 5e-6, None), name
         assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
         assert (lora["tensor_model_parallel_size"], lora["expert_model_parallel_size"], lora["seq_length"],
-                lora["global_batch_size"], lora["lora"]) == (lora_tp, lora_ep, lora_seq, lora_gbs, [targets, rank, alpha])
+                lora["global_batch_size"], lora["lora"]) == (lora_tp, lora_ep, lora_seq, lora_gbs,
+                                                             [targets, rank, alpha]), name
         assert lora["sequence_parallel"] == (lora_tp > 1) and lora["pipeline_model_parallel_size"] == 1, name
         assert lora["lr"] == 1e-4 and lora["expert_tensor_parallel_size"] == 1, name
         assert {k: from_yaml[k] for k in full} == full, name

@@ -34,7 +34,7 @@ from bridge_sft.recipes import sft
 from bridge_sft.step import forward_step
 from bridge_sft.train import run
 from bridge_sft.moe import RouterHealth  # after bridge_sft.recipes: the CPU runtime gate
-from benchmarks.moe_common import apply_cpu_moe_overrides
+from benchmarks.moe_common import apply_cpu_moe_overrides, set_router_coefficients
 
 from megatron.bridge.data.base import DatasetProvider  # noqa: E402  (after bridge_sft: CPU runtime)
 from megatron.bridge.training import gpt_step  # noqa: E402
@@ -100,11 +100,7 @@ class Schedule(Callback):
 
     def on_train_step_start(self, context):
         entry = self.entry(context)
-        configs = {id(c): c for c in [context.state.cfg.model, *(r.config for r in routers(context.model))]}
-        for config in configs.values():
-            config.moe_aux_loss_coeff = entry.get("aux", 0.0)
-            config.moe_z_loss_coeff = entry.get("z")
-            config.moe_expert_capacity_factor = entry.get("capacity")
+        set_router_coefficients(context, aux=entry.get("aux", 0.0), z=entry.get("z"), capacity=entry.get("capacity"))
         if entry.get("router_inputs") and torch.distributed.get_rank() == 0:
             kept = self.inputs.setdefault(context.state.train_state.step + 1, [])
             last = max(routers(context.model), key=lambda r: r.layer_number)
