@@ -14,11 +14,12 @@ gradient with ``1 / (num_micro_batches x dp_size)``.
 In SFT, ``N`` counts the *supervised* tokens (``loss_mask.sum()`` over the global batch)
 while the routers see every token: prompts, and padding unless a padding mask reaches them.
 The router-loss gradient then comes out multiplied by (routed tokens / supervised tokens):
-about 2x on chat data, 10x on long-prompt data, and a different factor every step.
+2.3-2.7x on the bundled chat dialogs, 20-75x on long-prompt data, a different factor every step
+(``benchmarks/moe_aux_weighting.py``).
 
 bridge-sft restores the pretraining weighting from its own forward step, without touching
 megatron's code: at the first micro-batch of a training step it reads the step's
-micro-batches ahead (``RouterLossWeighting``), sums their supervised tokens over the
+micro-batches ahead (``MicroBatchRouting.next``), sums their supervised tokens over the
 data-parallel ranks (one scalar all-reduce per step: the same ``N`` that
 ``finalize_model_grads`` divides by), and registers a gradient hook on the micro-batch's
 model output. When that micro-batch's backward pass starts (before any router's), the hook
@@ -28,7 +29,9 @@ router loss contributes exactly ``coeff x d(aux)/dW / (num_micro_batches x dp_si
 independent of how many tokens are supervised. A hook per micro-batch (not megatron's
 ``moe_grad_scale_func``, which is read at the *forward* of a micro-batch) keeps the right
 scale with pipeline parallelism, where forwards and backwards of different micro-batches
-interleave.
+interleave (by construction: the CPU tests cover micro-batching, DP, EP and TP x EP, not PP).
+Every pipeline stage reads the step's micro-batches from its own data iterator (Bridge builds
+one on every rank), so stages without the loss know the supervised-token count too.
 
 Padding is never counted as routed: datasets that mark padding slots with a
 ``padding_mask`` (bool, True = padding; bridge-sft's packed and unpacked datasets do) have
