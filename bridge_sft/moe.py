@@ -244,8 +244,7 @@ def check_moe_config(config, world_size: int | None = None) -> None:
     the fix (megatron-core would stop later, in setup or at the first forward, with its own wording).
     ``world_size``: the run's number of processes, when known (not in a dry run)."""
     model = config.model
-    ep = model.expert_model_parallel_size or 1
-    etp = model.expert_tensor_parallel_size or model.tensor_model_parallel_size or 1
+    ep = getattr(model, "expert_model_parallel_size", 1) or 1
     if not is_moe(model):
         if ep > 1:
             raise ValueError(
@@ -259,6 +258,7 @@ def check_moe_config(config, world_size: int | None = None) -> None:
         raise ValueError(
             f"model.expert_model_parallel_size={ep} does not divide model.num_moe_experts={experts}: every "
             f"expert-parallel rank holds the same number of experts. Use one of {divisors}.")
+    etp = model.expert_tensor_parallel_size or model.tensor_model_parallel_size or 1
     pp = model.pipeline_model_parallel_size or 1
     if world_size is not None and world_size % (ep * etp * pp):
         raise ValueError(

@@ -1,6 +1,7 @@
 """Driver: ``check_config`` on bad MoE settings; write ``{case: error message or None}`` as JSON.
 
-Usage: ``moe_config_errors.py TINY_MOE_DIR TINY_DENSE_DIR OUT.json``. Every case starts from the tiny MoE
+Usage: ``moe_config_errors.py TINY_MOE_DIR TINY_DENSE_DIR OUT.json`` (or ``check_cases`` from another
+driver: ``moe_train.py`` runs it before training, to save a process). Every case starts from the tiny MoE
 recipe (``sft(..., expert_parallel=...)``) and changes one setting; ``check_config`` runs with a world size
 of 2 (``dry_run_world``: world size unknown, as in ``--dry-run``).
 """
@@ -13,7 +14,7 @@ from bridge_sft.tiny import SAMPLE_DIALOGS
 from bridge_sft.train import check_config
 
 
-def main(moe_dir, dense_dir, out):
+def check_cases(moe_dir, dense_dir) -> dict:
     def config(hf=moe_dir, **kwargs):
         return sft(hf, str(SAMPLE_DIALOGS), seq_length=64, precision="fp32", **kwargs)
 
@@ -47,8 +48,8 @@ def main(moe_dir, dense_dir, out):
             errors[name] = None
         except ValueError as exc:
             errors[name] = str(exc)
-    json.dump(errors, open(out, "w"), indent=1)
+    return errors
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    json.dump(check_cases(sys.argv[1], sys.argv[2]), open(sys.argv[3], "w"), indent=1)

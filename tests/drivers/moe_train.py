@@ -15,6 +15,8 @@ Usage: ``moe_train.py SPEC.json`` (alone, or under torchrun). SPEC keys:
   None), ``capacity`` (moe_expert_capacity_factor or None), ``grads``, ``router_inputs`` (rank 0
   keeps the last MoE layer's router input and padding mask of every micro-batch)
 - ``health``: ``{"threshold": t, "intervals": n}`` for the run's ``RouterHealth`` callback
+- ``config_errors``: ``{"dense": TINY_DENSE_DIR, "out": path}``: before training, write
+  ``moe_config_errors.check_cases`` (bad MoE settings through ``check_config``) to ``out``
 
 The weights never move (SGD, lr 0), so every iteration's gradient is taken at the same point.
 Result JSON: ``losses`` {iteration: lm loss}, ``world_size``, ``health`` (``RouterHealth.history``);
@@ -136,6 +138,11 @@ class Schedule(Callback):
 
 def main(spec_path):
     spec = json.load(open(spec_path))
+    if spec.get("config_errors") and int(os.environ.get("RANK", "0")) == 0:
+        from moe_config_errors import check_cases
+
+        errors = check_cases(spec["hf"], spec["config_errors"]["dense"])
+        json.dump(errors, open(spec["config_errors"]["out"], "w"))
     result = {"losses": {}}
     schedule = spec["schedule"]
 
