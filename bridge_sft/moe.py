@@ -133,7 +133,8 @@ class MicroBatchRouting:
             step = [next(batches) for _ in range(get_num_microbatches())]
             local = sum(int(b["loss_mask"].float().sum().item()) for b in step)  # as masked_next_token_loss counts
             supervised = torch.tensor(float(local), dtype=torch.float64, device=torch.cuda.current_device())
-            torch.distributed.all_reduce(supervised, group=pg_collection.dp)
+            if pg_collection.dp.size() > 1:
+                torch.distributed.all_reduce(supervised, group=pg_collection.dp)
             ahead = _StepLookahead(deque(step), supervised)
             _LOOKAHEAD[data_iterator] = ahead
             batch = ahead.batches.popleft()
@@ -145,6 +146,8 @@ class MicroBatchRouting:
             padding_mask = padding_mask.bool()
             if padding_mask.dim() == 1:
                 padding_mask = padding_mask.unsqueeze(0)
+            if not padding_mask.any():  # the same as no mask, without the masked ops in every router
+                padding_mask = None
         return cls(batch, padding_mask, supervised)
 
     def model_padding_mask(self, model, model_config, pg_collection) -> torch.Tensor | None:
