@@ -44,7 +44,6 @@ This module needs megatron at import time; it is imported by ``bridge_sft.step``
 
 from __future__ import annotations
 
-import logging
 import sys
 import weakref
 from collections import deque
@@ -59,7 +58,6 @@ from megatron.bridge.training.callbacks import Callback  # noqa: E402
 from megatron.core.num_microbatches_calculator import get_num_microbatches  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
-logger = logging.getLogger(__name__)
 
 PADDING_MASK_KEY = "padding_mask"  # dataset key: bool [b, s], True at padding slots (megatron's convention)
 _AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
