@@ -5,8 +5,14 @@
 and ``AutoBridge.from_hf_pretrained`` all accept: ``config.json``, random
 weights in ``model.safetensors`` and a small byte-level BPE tokenizer trained
 on the bundled ChatterBot dialogs, with a chat template in the style of the
-architecture (Llama 3 headers for ``llama``, ChatML for ``qwen2``/``qwen3``).
+family (``TINY_ARCHS`` lists them with their HF class and template style).
 Everything is deterministic for a given seed.
+
+The shapes are the family's own features at toy size: grouped-query attention,
+sliding-window layers (window ``SLIDING_WINDOW`` tokens, so sequences longer than
+it exercise the window), Gemma's soft-capping and zero-centred norms, gpt-oss's
+attention sinks and biases, DeepSeek/GLM multi-latent attention or shared experts
+with a first dense layer, and 4 routed experts (top 2) for every MoE family.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SAMPLE_DIALOGS = Path(__file__).parent / "data" / "samples" / "chatterbot.jsonl"
+
+SLIDING_WINDOW = 16  # tokens; tiny sliding-window layers see this much context
 
 # Llama 3 style: header tokens around the role, <|eot_id|> ends every turn.
 LLAMA3_TEMPLATE = (
@@ -34,9 +42,105 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_SPECIALS = {
-    "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+# Gemma: "model" is the assistant's role, there is no system turn (a system prompt is
+# prepended to the first user turn, as Gemma 3's template does).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ (system if loop.first else '') + message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Mistral v3 style: [INST] user [/INST] answer</s>; the system prompt goes into the first [INST].
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if message['role'] == 'user' %}[INST] {{ (system if loop.first else '') + message['content'] }}[/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# gpt-oss harmony: <|start|>role<|message|>...<|end|>; the assistant answers on the final channel.
+HARMONY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>"
+    "{% else %}<|start|>{{ message['role'] }}<|message|>{% endif %}"
+    "{{ message['content'] }}<|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+# DeepSeek-V3: the system prompt first, then <｜User｜>/<｜Assistant｜> turns, answers end with EOS.
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<｜User｜>{{ message['content'] }}"
+    "{% else %}<｜Assistant｜>{{ message['content'] }}<｜end▁of▁sentence｜>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+
+# GLM-4.5: [gMASK]<sop>, then <|role|>\n turns; an answer has no end token of its own (generation stops
+# at the next role token), so the template marks what is trained with {% generation %}.
+GLM_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|user|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# Nemotron (Nemotron-Mini style): <extra_id_0>System / <extra_id_1>User / <extra_id_1>Assistant headers.
+NEMOTRON_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<extra_id_0>System\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<extra_id_1>User\n{{ message['content'] }}\n"
+    "{% else %}<extra_id_1>Assistant\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<extra_id_1>Assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TokenizerStyle:
+    """Special tokens and chat template of one family's tokenizer."""
+
+    template: str
+    specials: tuple[str, ...]
+    eos_token: str
+    pad_token: str
+    bos_token: str | None = None
+
+
+STYLES = {
+    "llama": TokenizerStyle(LLAMA3_TEMPLATE, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                              "<|end_header_id|>", "<|eot_id|>"),
+                            eos_token="<|eot_id|>", pad_token="<|end_of_text|>", bos_token="<|begin_of_text|>"),
+    "chatml": TokenizerStyle(CHATML_TEMPLATE, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                             eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+    "gemma": TokenizerStyle(GEMMA_TEMPLATE, ("<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
+                            eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>"),
+    "mistral": TokenizerStyle(MISTRAL_TEMPLATE, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+                              eos_token="</s>", pad_token="<unk>", bos_token="<s>"),
+    "harmony": TokenizerStyle(HARMONY_TEMPLATE, ("<|endoftext|>", "<|start|>", "<|message|>", "<|channel|>",
+                                                 "<|end|>", "<|return|>"),
+                              eos_token="<|end|>", pad_token="<|endoftext|>"),
+    "deepseek": TokenizerStyle(DEEPSEEK_TEMPLATE, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
+                                                   "<｜Assistant｜>", "<｜▁pad▁｜>"),
+                               eos_token="<｜end▁of▁sentence｜>", pad_token="<｜▁pad▁｜>",
+                               bos_token="<｜begin▁of▁sentence｜>"),
+    "glm": TokenizerStyle(GLM_TEMPLATE, ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>",
+                                         "<|assistant|>"),
+                          eos_token="<|user|>", pad_token="<|endoftext|>"),
+    "nemotron": TokenizerStyle(NEMOTRON_TEMPLATE, ("<unk>", "<s>", "</s>", "<extra_id_0>", "<extra_id_1>"),
+                               eos_token="</s>", pad_token="<unk>", bos_token="<s>"),
 }
 
 
@@ -51,6 +155,8 @@ class TinySizes:
     num_key_value_heads: int = 2
     vocab_size: int = 512  # tokenizer vocabulary, specials included
     max_position_embeddings: int = 2048
+    num_experts: int = 4  # MoE families: routed experts, 2 active per token
+    moe_intermediate_size: int = 32
 
 
 def _dialog_texts(path: Path = SAMPLE_DIALOGS) -> list[str]:
@@ -65,39 +171,127 @@ def _dialog_texts(path: Path = SAMPLE_DIALOGS) -> list[str]:
 def build_tiny_tokenizer(style: str = "chatml", vocab_size: int = 512):
     """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) with a chat template.
 
-    ``style`` is ``"llama"`` (Llama 3 headers, BOS ``<|begin_of_text|>``, turns end
-    with ``<|eot_id|>``) or ``"chatml"`` (Qwen style, turns end with ``<|im_end|>``).
+    ``style`` is a key of ``STYLES``: ``"llama"`` (Llama 3 headers, turns end with
+    ``<|eot_id|>``), ``"chatml"`` (Qwen, ``<|im_end|>``), ``"gemma"``, ``"mistral"``,
+    ``"harmony"`` (gpt-oss), ``"deepseek"``, ``"glm"`` or ``"nemotron"``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if style not in _SPECIALS:
-        raise ValueError(f"style must be one of {sorted(_SPECIALS)}, not {style!r}")
-    specials = _SPECIALS[style]
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {sorted(STYLES)}, not {style!r}")
+    spec = STYLES[style]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=specials,
+        special_tokens=list(spec.specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_dialog_texts(), trainer=trainer)
-    if style == "llama":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<|begin_of_text|>",
-            eos_token="<|eot_id|>",
-            pad_token="<|end_of_text|>",
-            chat_template=LLAMA3_TEMPLATE,
-        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
+        bos_token=spec.bos_token,
+        eos_token=spec.eos_token,
+        pad_token=spec.pad_token,
+        chat_template=spec.template,
     )
+
+
+def _dense(s: TinySizes) -> dict:
+    return dict(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+                num_key_value_heads=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings)
+
+
+def _alternating_windows(s: TinySizes) -> list[str]:
+    """Sliding-window layers first, a full-attention layer every second layer."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.num_hidden_layers)]
+
+
+def _llama(s):
+    return {**_dense(s), "rms_norm_eps": 1e-6}
+
+
+def _qwen3(s):
+    return {**_llama(s), "head_dim": s.hidden_size // s.num_attention_heads}
+
+
+def _qwen3_moe(s):
+    return {**_qwen3(s), "num_experts": s.num_experts, "num_experts_per_tok": 2,
+            "moe_intermediate_size": s.moe_intermediate_size, "norm_topk_prob": True}
+
+
+def _mistral(s):
+    return {**_llama(s), "sliding_window": None, "head_dim": s.hidden_size // s.num_attention_heads}
+
+
+def _gemma2(s):
+    head_dim = s.hidden_size // s.num_attention_heads
+    return {**_dense(s), "rms_norm_eps": 1e-6, "head_dim": head_dim, "query_pre_attn_scalar": head_dim,
+            "sliding_window": SLIDING_WINDOW, "layer_types": _alternating_windows(s),
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def _gemma3(s):
+    head_dim = s.hidden_size // s.num_attention_heads
+    return {**_dense(s), "rms_norm_eps": 1e-6, "head_dim": head_dim, "query_pre_attn_scalar": head_dim,
+            "sliding_window": SLIDING_WINDOW, "layer_types": _alternating_windows(s),
+            "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def _nemotron(s):
+    return {**_dense(s), "norm_eps": 1e-5, "head_dim": s.hidden_size // s.num_attention_heads,
+            "hidden_act": "relu2", "partial_rotary_factor": 0.5}
+
+
+def _gpt_oss(s):
+    return {**_dense(s), "intermediate_size": s.moe_intermediate_size, "rms_norm_eps": 1e-5,
+            "head_dim": s.hidden_size // s.num_attention_heads, "num_local_experts": s.num_experts,
+            "num_experts_per_tok": 2, "sliding_window": SLIDING_WINDOW, "layer_types": _alternating_windows(s)}
+
+
+def _olmoe(s):
+    return {**_dense(s), "intermediate_size": s.moe_intermediate_size, "rms_norm_eps": 1e-5,
+            "num_experts": s.num_experts, "num_experts_per_tok": 2}
+
+
+def _deepseek_v3(s):
+    """MLA (q and kv low-rank), one dense layer then MoE layers with a shared expert."""
+    return {**_dense(s), "rms_norm_eps": 1e-6, "num_key_value_heads": s.num_attention_heads,
+            "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+            "n_routed_experts": s.num_experts, "num_experts_per_tok": 2, "n_shared_experts": 1,
+            "moe_intermediate_size": s.moe_intermediate_size, "first_k_dense_replace": 1, "n_group": 1,
+            "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True}
+
+
+def _glm4_moe(s):
+    """GQA with partial rotary and q/k norms, one dense layer then MoE layers with a shared expert."""
+    return {**_dense(s), "rms_norm_eps": 1e-5, "head_dim": s.hidden_size // s.num_attention_heads,
+            "partial_rotary_factor": 0.5, "use_qk_norm": True, "attention_bias": True,
+            "n_routed_experts": s.num_experts, "num_experts_per_tok": 2, "n_shared_experts": 1,
+            "moe_intermediate_size": s.moe_intermediate_size, "first_k_dense_replace": 1, "n_group": 1,
+            "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True}
+
+
+# arch -> (transformers config class, tokenizer style, config fields for TinySizes, ties embeddings)
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", "llama", _llama, False),
+    "qwen2": ("Qwen2Config", "chatml", _llama, False),
+    "qwen3": ("Qwen3Config", "chatml", _qwen3, False),
+    "mistral": ("MistralConfig", "mistral", _mistral, False),
+    "gemma2": ("Gemma2Config", "gemma", _gemma2, True),
+    "gemma3": ("Gemma3TextConfig", "gemma", _gemma3, True),
+    "nemotron": ("NemotronConfig", "nemotron", _nemotron, False),
+    "qwen3_moe": ("Qwen3MoeConfig", "chatml", _qwen3_moe, False),
+    "gpt_oss": ("GptOssConfig", "harmony", _gpt_oss, False),
+    "olmoe": ("OlmoeConfig", "chatml", _olmoe, False),
+    "deepseek_v3": ("DeepseekV3Config", "deepseek", _deepseek_v3, False),
+    "glm4_moe": ("Glm4MoeConfig", "glm", _glm4_moe, False),
+}
+MOE_ARCHS = ("qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "glm4_moe")
 
 
 def build_tiny_model(
@@ -105,43 +299,53 @@ def build_tiny_model(
     arch: str = "llama",
     sizes: TinySizes = TinySizes(),
     seed: int = 0,
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
 ) -> Path:
     """Write a random-weight HF causal LM and its tokenizer to ``out_dir``; return the path.
 
-    ``arch``: ``"llama"`` (LlamaForCausalLM), ``"qwen2"`` (Qwen2ForCausalLM, q/k/v
-    biases) or ``"qwen3"`` (Qwen3ForCausalLM, q/k RMSNorm). Weights are fp32.
+    ``arch``: a key of ``TINY_ARCHS`` (``"llama"``, ``"qwen2"`` (q/k/v biases),
+    ``"qwen3"`` (q/k RMSNorm), ``"mistral"``, ``"gemma2"``, ``"gemma3"``, ``"nemotron"``,
+    and the MoE families ``MOE_ARCHS``). ``tie_word_embeddings``: None keeps the
+    family's own choice (Gemma ties, the others do not). Weights are fp32.
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    configs = {"llama": (LlamaConfig, "llama"), "qwen2": (Qwen2Config, "chatml"), "qwen3": (Qwen3Config, "chatml")}
-    if arch not in configs:
-        raise ValueError(f"arch must be one of {sorted(configs)}, not {arch!r}")
-    config_cls, style = configs[arch]
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {sorted(TINY_ARCHS)}, not {arch!r}")
+    config_name, style, fields, ties = TINY_ARCHS[arch]
     tokenizer = build_tiny_tokenizer(style, sizes.vocab_size)
-    extra = {"head_dim": sizes.hidden_size // sizes.num_attention_heads} if arch == "qwen3" else {}
-    config = config_cls(
+    config = getattr(transformers, config_name)(
         vocab_size=len(tokenizer),
-        hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.intermediate_size,
-        num_hidden_layers=sizes.num_hidden_layers,
-        num_attention_heads=sizes.num_attention_heads,
-        num_key_value_heads=sizes.num_key_value_heads,
-        max_position_embeddings=sizes.max_position_embeddings,
-        rms_norm_eps=1e-6,
         rope_theta=10000.0,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=ties if tie_word_embeddings is None else tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
-        **extra,
+        **fields(sizes),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch not in ("llama", "qwen2", "qwen3"):  # those stay as first built: tests and the demo rest on them
+        _randomise_constant_inits(model, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _randomise_constant_inits(model, seed: int) -> None:
+    """Give every parameter HF initialises to a constant (norm weights, biases, router
+    biases, attention sinks) small random values, so that a conversion or layer that
+    drops, swaps or mis-shifts one of them changes the outputs and is caught."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            flat = param.detach().reshape(-1)
+            if flat.numel() and bool((flat == flat[0]).all()):
+                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
