@@ -14,7 +14,7 @@ gradient with ``1 / (num_micro_batches x dp_size)``.
 In SFT, ``N`` counts the *supervised* tokens (``loss_mask.sum()`` over the global batch)
 while the routers see every token: prompts, and padding unless a padding mask reaches them.
 The router-loss gradient then comes out multiplied by (routed tokens / supervised tokens):
-2.3-2.7x on the bundled chat dialogs, 20-75x on long-prompt data, a different factor every step
+2.3-2.7x on the bundled chat dialogs, 20-72x on long-prompt data, a different factor every step
 (``benchmarks/moe_aux_weighting.py``).
 
 bridge-sft restores the pretraining weighting from its own forward step, without touching
