@@ -42,6 +42,9 @@ TE/apex-only fusions (RoPE, masked softmax) off.
 Both steps run exactly that model, so the ratio is fair; the absolute MFU is that of the
 local layers, not of a TE build. The output says which it was.
 
+``--model qwen3_30b_a3b`` checks a mixture-of-experts shape instead: Qwen3-30B-A3B's layer (128
+experts, top-8) with 4 of its 48 layers, the router losses on (see the block at the end of this file).
+
 ``--dry-run`` runs the same code end to end on the CPU with tiny sizes (hidden 64,
 2 layers, real tokenizer and vocabulary, seq 512, 6 iterations) in about a minute; the
 test suite runs it. Results: ``gpu_check.json`` and ``gpu_check.md`` in ``--out``
@@ -157,8 +160,7 @@ def build_tokenizer():
 
 def build_hf_model(out_dir: Path, sizes: dict, device: str) -> Path:
     """Write a random-weight (bf16) Llama 3.2-style HF model of ``sizes`` with its tokenizer to ``out_dir``."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -167,6 +169,14 @@ def build_hf_model(out_dir: Path, sizes: dict, device: str) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16", **sizes,
     )
+    return write_random_model(config, tokenizer, out_dir, device, "HF model (tied embeddings)")
+
+
+def write_random_model(config, tokenizer, out_dir: Path, device: str, what: str) -> Path:
+    """Build ``config``'s HF model with random bf16 weights on ``device``; save it and ``tokenizer``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -177,7 +187,7 @@ def build_hf_model(out_dir: Path, sizes: dict, device: str) -> Path:
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    log(f"HF model: {params / 1e9:.3f} B parameters (tied embeddings) -> {out_dir}")
+    log(f"{what}: {params / 1e9:.3f} B parameters -> {out_dir}")
     return out_dir
 
 
@@ -264,7 +274,7 @@ def summarize(result: dict, args, env: dict, setup: dict) -> dict:
     return {
         "environment": env, "setup": setup,
         "settings": {k: getattr(args, k) for k in ("dry_run", "seq_length", "global_batch_size", "iters", "warmup",
-                                                     "budget_s", "recompute", "packed_attention")},
+                                                     "budget_s", "recompute", "packed_attention", "model")},
         "iterations_run": len(records),
         "per_step": per_step,
         "ratios": {
@@ -302,7 +312,7 @@ def markdown(summary: dict) -> str:
         return f"{a / b:.4f}" if b else "n/a"
 
     lines = [
-        f"GPU check ({DRY if s['dry_run'] else 'Llama-3.2-1B shape'}"
+        f"GPU check ({DRY if s['dry_run'] else SHAPES[s.get('model', 'llama32_1b')]}"
         f"): {env['device']}, torch {env['torch']}, megatron-core {env['megatron-core']}, "
         f"megatron-bridge {env['megatron-bridge']}, transformers {env['transformers']}",
         f"Layers: {env['layers']}.",
@@ -350,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="without TE: torch SDPA (default) or megatron-core's unfused kernel per packed sequence")
     parser.add_argument("--recompute", choices=("auto", "none", "core_attn"), default="auto",
                         help="recompute core attention in backward (auto: only for the unfused attention)")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="llama32_1b",
+                        help="model shape: the dense Llama 3.2 1B (default) or the MoE Qwen3-30B-A3B with fewer layers")
     parser.add_argument("--out", help="result folder (default $OUT, else outputs/bench/gpu_check)")
     parser.add_argument("--work-dir", help="model, data and run folder (default: a folder under /tmp)")
     parser.add_argument("--wheel-commands", action="store_true",
@@ -397,9 +409,14 @@ def _check(args, env: dict, device: str, out: Path, work: Path) -> dict:
     from benchmarks.step_overhead import interleaved_run
     from bridge_sft.tiny import SAMPLE_DIALOGS
 
-    hf_dir = build_hf_model(work / "hf", TINY if args.dry_run else LLAMA32_1B, device)
+    if args.model == "qwen3_30b_a3b":
+        hf_dir = build_hf_moe_model(work / "hf", TINY_MOE if args.dry_run else QWEN3_30B_A3B_FEWER_LAYERS, device)
+    else:
+        hf_dir = build_hf_model(work / "hf", TINY if args.dry_run else LLAMA32_1B, device)
     data = long_conversations.build(SAMPLE_DIALOGS, work / "long_conversations.jsonl")
     config = make_config(hf_dir, data, work / "run", args, env)
+    if args.model == "qwen3_30b_a3b":
+        configure_moe(config, env)
     log("training (interleaved steps) ...")
     t0 = time.perf_counter()
     result = interleaved_run(config, device=device, time_budget_s=args.budget_s)
@@ -432,6 +449,47 @@ def hf_parameter_count(hf_dir: Path) -> int:
         with safe_open(str(path), framework="pt") as f:
             total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return total
+
+
+# --- MoE shape (bridge_sft.moe): Qwen3-30B-A3B with fewer layers ----------------------------------------------------
+# ``--model qwen3_30b_a3b``: the published Qwen3-30B-A3B layer (hidden 2048, 32 query / 4 KV heads of 128, 128
+# experts of FFN 768, top-8, load-balancing coefficient 0.001) with 4 of its 48 layers: ~2.5 B expert and attention
+# parameters plus ~0.5 B of (untied) embeddings for the Llama 3.2 tokenizer's 128,256 ids (the real Llama 3.2
+# tokenizer of this check stands in for Qwen's: same work per token, no extra wheel). bf16 weights, fp32 gradients
+# and Adam: ~55 GB of state, which fits one 80 GB GPU with seq-4096 activations. Our step runs with the router-loss
+# weighting (bridge_sft.moe) on; Bridge's step with megatron's own scaling.
+SHAPES = {"llama32_1b": "Llama-3.2-1B shape", "qwen3_30b_a3b": "Qwen3-30B-A3B shape, 4 of 48 layers"}
+QWEN3_30B_A3B_FEWER_LAYERS = {
+    "hidden_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+}
+TINY_MOE = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+}
+
+
+def build_hf_moe_model(out_dir: Path, sizes: dict, device: str) -> Path:
+    """Write a random-weight (bf16) Qwen3-MoE HF model of ``sizes`` with the check's tokenizer to ``out_dir``."""
+    from transformers import Qwen3MoeConfig
+
+    tokenizer = build_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+        router_aux_loss_coef=0.001, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16", **sizes,
+    )
+    return write_random_model(config, tokenizer, out_dir, device, "HF MoE model")
+
+
+def configure_moe(config, env: dict) -> None:
+    """Without Transformer Engine the experts run as megatron-core's local ``SequentialMLP``: no fused
+    permutation, no grouped GEMM (both need TE kernels)."""
+    if not env["transformer_engine"]:
+        config.model.moe_permute_fusion = False
+        config.model.moe_grouped_gemm = False
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ if str(REPO) not in sys.path:
 OURS = "bridge-sft"
 BRIDGE = "bridge gpt_step"
 TARGET = 1.02
+DENSE_MODEL = "tiny llama (hidden 64, 2 layers), CPU"
+MOE_MODEL = "tiny Qwen3-MoE (hidden 64, 2 layers, 4 experts, top-2, router losses on), CPU"
 
 
 def kind_of_iteration(iteration: int) -> str:
@@ -298,29 +300,42 @@ def _worker(spec_path: str) -> None:
     config.checkpoint.save = None
     config.checkpoint.load = None
     config.logger.tensorboard_dir = None
+    if spec.get("moe"):  # benchmarks/moe_step_overhead.py
+        from benchmarks.moe_step_overhead import configure
+
+        configure(config)
     result = interleaved_run(config, device="cpu")
     paired = config.dataset.__dict__["_paired_train"]
     result["added_us_per_micro_batch"] = added_work_us(paired.collate_fn([paired[0]]))
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def run(quick: bool = False, repeats: int | None = None, iters: int | None = None, warmup: int = 4) -> list[dict]:
+def run(quick: bool = False, repeats: int | None = None, iters: int | None = None, warmup: int = 4,
+        moe: bool = False) -> list[dict]:
     """Run ``repeats`` training processes of ``iters`` interleaved iterations; rows per process + a summary.
 
-    Defaults: quick 1 process x 40 iterations, else 3 processes x 60 iterations.
+    Defaults: quick 1 process x 40 iterations, else 3 processes x 60 iterations. ``moe``: the tiny
+    mixture-of-experts model of ``benchmarks/moe_step_overhead.py`` instead of the tiny Llama.
     """
     from bridge_sft.tiny import build_tiny_model
 
     repeats = repeats or (1 if quick else 3)
     iters = iters or (40 if quick else 60)
     iters += iters % 2
+    benchmark, model = ("moe_step_overhead", MOE_MODEL) if moe else ("step_overhead", DENSE_MODEL)
     rows, all_ratios, all_records = [], [], []
     counted = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        hf_path = build_tiny_model(Path(tmp) / "tiny-llama", arch="llama")
+        if moe:
+            from benchmarks.moe_common import build_tiny_moe
+
+            hf_path = build_tiny_moe(Path(tmp) / "tiny-moe")
+        else:
+            hf_path = build_tiny_model(Path(tmp) / "tiny-llama", arch="llama")
         for process in range(repeats):
             spec = {"hf_path": str(hf_path), "output_dir": str(Path(tmp) / f"run{process}"), "seq_length": 256,
-                    "global_batch_size": 8, "iters": iters, "out": str(Path(tmp) / f"result{process}.json")}
+                    "global_batch_size": 8, "iters": iters, "out": str(Path(tmp) / f"result{process}.json"),
+                    "moe": moe}
             spec_path = Path(tmp) / f"spec{process}.json"
             spec_path.write_text(json.dumps(spec))
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -334,7 +349,7 @@ def run(quick: bool = False, repeats: int | None = None, iters: int | None = Non
             p25, median, p75 = _quantiles(ratios)
             timed = [r for r in records if r["iteration"] >= warmup]
             rows.append({
-                "benchmark": "step_overhead", "process": process, "iterations": len(records), "pairs": len(ratios),
+                "benchmark": benchmark, "process": process, "iterations": len(records), "pairs": len(ratios),
                 "ours_median_ms": 1e3 * statistics.median(r["seconds"] for r in timed if r["kind"] == OURS),
                 "bridge_median_ms": 1e3 * statistics.median(r["seconds"] for r in timed if r["kind"] == BRIDGE),
                 "ratio_median": median, "ratio_p25": p25, "ratio_p75": p75,
@@ -348,7 +363,7 @@ def run(quick: bool = False, repeats: int | None = None, iters: int | None = Non
     added_us = statistics.median(r["added_us_per_micro_batch"] for r in rows)
     ours_ms = statistics.median(r["ours_median_ms"] for r in rows)
     rows.append({
-        "benchmark": "step_overhead", "summary": True, "model": "tiny llama (hidden 64, 2 layers), CPU",
+        "benchmark": benchmark, "summary": True, "model": model,
         "seq_length": 256, "global_batch_size": 8, "processes": repeats, "pairs": len(all_ratios),
         "ratio (ours/bridge)": median, "ratio_ci95_low": ci_low, "ratio_ci95_high": ci_high,
         "ratio_p25": p25, "ratio_p75": p75, "ratio_min": min(all_ratios), "ratio_max": max(all_ratios),

@@ -36,6 +36,7 @@ from megatron.core.utils import get_model_config
 
 from bridge_sft.batch import normalize_batch
 from bridge_sft.callbacks import count_tokens
+from bridge_sft import moe
 from bridge_sft.data.mixing import SOURCE_ID, add_source_losses
 
 
@@ -97,6 +98,10 @@ def forward_step(
     pg_collection = get_pg_collection(model)
     vp_stage = get_model_chunk_vp_stage(model)
     batches = _SFTBatches(data_iterator, state, training=model.training)
+    routing = None  # MoE training: padding mask for the routers, router losses weighted as in pretraining
+    if model.training and moe.is_moe(config):
+        routing = moe.MicroBatchRouting.next(data_iterator, batches, config, pg_collection)
+        batches = iter([routing.batch])
 
     state.timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_metadata = get_batch(
@@ -131,8 +136,12 @@ def forward_step(
     )
     if not model.training:  # a validation loss per data source of a mixture, beside "lm loss"
         loss_func = add_source_losses(loss_func, loss_mask, batches.source_id, state.cfg.dataset)
-    if return_schedule_plan:  # MoE expert-parallel communication overlap
-        plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+    router_inputs = {}
+    if routing is not None and routing.padding_mask is not None:
+        router_inputs["padding_mask"] = routing.model_padding_mask(model, config, pg_collection)
+    if return_schedule_plan:  # MoE expert-parallel communication overlap (bridge_sft.train rejects router losses)
+        plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask,
+                                         **router_inputs)
         return plan, loss_func
     output = model(
         input_ids=tokens,
@@ -140,5 +149,8 @@ def forward_step(
         attention_mask=attention_mask,
         labels=labels,
         packed_seq_params=packed_seq_params,
+        **router_inputs,
     )
+    if routing is not None:
+        routing.weight_router_losses(output, config, pg_collection)
     return output, loss_func

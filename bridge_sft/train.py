@@ -16,7 +16,7 @@ import warnings
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.finetune import finetune
 
-from bridge_sft import bridge_fixes, runtime
+from bridge_sft import bridge_fixes, moe, runtime
 from bridge_sft.models import check_model
 from bridge_sft.step import forward_step
 from bridge_sft.callbacks import TokenThroughput
@@ -46,8 +46,10 @@ def use_per_token_loss(config: ConfigContainer) -> ConfigContainer:
     return config
 
 
-def check_config(config: ConfigContainer) -> None:
-    """Reject configs that cannot train correctly; warn about ones that train differently."""
+def check_config(config: ConfigContainer, world_size: int | None = None) -> None:
+    """Reject configs that cannot train correctly; warn about ones that train differently.
+    ``world_size``: the number of processes of the run, when known (checked against the parallelism)."""
+    moe.check_moe_config(config, world_size)
     if not config.model.calculate_per_token_loss:
         warnings.warn(MEAN_OF_MEANS_WARNING, stacklevel=2)
     elif config.ddp.average_in_collective:
@@ -97,9 +99,10 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     runtime.configure(config)
     _single_process_rendezvous()
     bridge_fixes.apply()
-    check_config(config)
+    check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     throughput = TokenThroughput()
-    finetune(config, forward_step_func, callbacks=[throughput, *(callbacks or [])])
+    callbacks = [throughput, *moe.callbacks_for(config, callbacks), *(callbacks or [])]
+    finetune(config, forward_step_func, callbacks=callbacks)
     return throughput.totals
 
 

@@ -82,12 +82,14 @@ def test_unpacked_item_shifts_labels_and_pads():
     item = ds[1]
     assert {k: (v.dtype, tuple(v.shape)) for k, v in item.items()} == {
         "tokens": (torch.int64, (10,)), "labels": (torch.int64, (10,)),
-        "loss_mask": (torch.float32, (10,)), "position_ids": (torch.int64, (10,))}
+        "loss_mask": (torch.float32, (10,)), "position_ids": (torch.int64, (10,)),
+        "padding_mask": (torch.bool, (10,))}
     tokens, labels, mask = _unpacked_sample(data, 1)
     assert item["tokens"][:8].tolist() == tokens.tolist() and item["labels"][:8].tolist() == labels.tolist()
     assert item["loss_mask"][:8].tolist() == mask.tolist()
     assert item["tokens"][8:].tolist() == [2, 2] and item["labels"][8:].tolist() == [2, 2]
     assert item["loss_mask"][8:].tolist() == [0, 0] and item["position_ids"].tolist() == list(range(10))
+    assert item["padding_mask"].tolist() == [False] * 8 + [True, True]
 
 
 @settings(max_examples=60, deadline=None)
@@ -110,6 +112,7 @@ def test_each_packed_segment_equals_its_unpacked_sample(lengths, mult, seed):
         members = plan.pack(ds.order(p)).tolist()
         assert len(physical) - 1 in (len(members), len(members) + 1)  # + trailing padding segment
         logical = item["cu_seqlens_q"].tolist()
+        real = torch.zeros(seq, dtype=torch.bool)
         for k, sample in enumerate(members):
             a, b = physical[k], physical[k + 1]
             tokens, labels, mask = _unpacked_sample(data, sample)
@@ -120,10 +123,12 @@ def test_each_packed_segment_equals_its_unpacked_sample(lengths, mult, seed):
             assert item["loss_mask"][a:a + n].tolist() == mask.tolist()
             assert item["position_ids"][a:b].tolist() == list(range(b - a))
             assert item["loss_mask"][a + n:b].sum() == 0
+            real[a:a + n] = True
             if mult > 1:
                 assert logical[k + 1] - logical[k] == n
             seen.append(sample)
         assert item["loss_mask"][physical[len(members)]:].sum() == 0
+        assert torch.equal(item["padding_mask"], ~real)  # padding: alignment slots and the trailing segment
     assert sorted(seen) == list(range(len(lengths)))
 
 

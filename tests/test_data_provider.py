@@ -19,9 +19,9 @@ def test_provider_contract(tmp_path, tiny_qwen3):
     assert f["loader"] == ["single", 0, False]
     assert f["lengths"] == [40, 6, None]  # exactly what Bridge asks for; no test data -> None
     assert f["split_sizes"] == [30, 10] and f["splits_disjoint"] and f["valid_shuffled"] is False
-    assert f["train_item_keys"] == sorted(["tokens", "labels", "loss_mask", "position_ids", "cu_seqlens_q",
-                                           "cu_seqlens_kv", "max_seqlen_q", "max_seqlen_kv"])
-    assert f["unpacked_item_keys"] == ["labels", "loss_mask", "position_ids", "tokens"]
+    assert f["train_item_keys"] == sorted(["tokens", "labels", "loss_mask", "position_ids", "padding_mask",
+                                           "cu_seqlens_q", "cu_seqlens_kv", "max_seqlen_q", "max_seqlen_kv"])
+    assert f["unpacked_item_keys"] == ["labels", "loss_mask", "padding_mask", "position_ids", "tokens"]
     assert f["unpacked_lengths"] == [5, 3, 40]
     assert f["no_validation_wanted"] is None
     assert len(f["cache_entries"]) == 1  # the train and validation splits share one encoded cache

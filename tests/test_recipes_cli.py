@@ -80,10 +80,68 @@ EXPECTED_TP = {"llama31_8b": 2, "qwen25_7b": 2, "qwen3_4b": 2, "qwen3_8b": 4, "g
 SEQ_4096 = ("llama", "gemma3", "mistral")
 
 
+# --- Mixture-of-experts presets: published config.json of each model, and Bridge 0.6.2's recipe settings.
+GPT_OSS = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True, "head_dim": 64,
+           "hidden_act": "silu", "hidden_size": 2880, "intermediate_size": 2880, "initial_context_length": 4096,
+           "max_position_embeddings": 131072, "num_attention_heads": 64, "num_key_value_heads": 8,
+           "experts_per_token": 4, "num_experts_per_tok": 4, "rms_norm_eps": 1e-5,
+           "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                            "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+           "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+           "tie_word_embeddings": False, "vocab_size": 201088, "eos_token_id": 200002, "pad_token_id": 199999,
+           "torch_dtype": "bfloat16"}
+
+
+def gpt_oss(layers, experts):
+    return {**GPT_OSS, "num_hidden_layers": layers, "num_local_experts": experts,
+            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2)}
+
+
+MOE_PUBLISHED = {
+    "qwen3_30b_a3b": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                      "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                      "norm_topk_prob": True, "router_aux_loss_coef": 0.001, "vocab_size": 151936,
+                      "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+                      "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "gpt_oss_20b": gpt_oss(24, 32),
+    "gpt_oss_120b": gpt_oss(36, 128),
+    "olmoe_1b_7b": {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "hidden_size": 2048,
+                    "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+                    "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+                    "router_aux_loss_coef": 0.01, "vocab_size": 50304, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                    "max_position_embeddings": 4096, "clip_qkv": None, "tie_word_embeddings": False,
+                    "eos_token_id": 50279, "pad_token_id": 1, "torch_dtype": "bfloat16"},
+    "moonlight_16b_a3b": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 2048,
+                          "intermediate_size": 11264, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+                          "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+                          "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+                          "moe_layer_freq": 1, "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc",
+                          "scoring_func": "sigmoid", "routed_scaling_factor": 2.446, "norm_topk_prob": True,
+                          "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                          "v_head_dim": 128, "vocab_size": 163840, "rms_norm_eps": 1e-5, "rope_theta": 50000.0,
+                          "rope_scaling": None, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+                          "aux_loss_alpha": 0.001, "seq_aux": True, "num_nextn_predict_layers": 0,
+                          "bos_token_id": 163584, "eos_token_id": 163585, "torch_dtype": "bfloat16"},
+}
+
+# preset: (EP, PP, seq, global batch), LoRA (TP, EP, seq, global batch, targets, rank, alpha)
+ATTENTION, ATTENTION_MLP = ["linear_qkv", "linear_proj"], ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+MOE_EXPECTED = {
+    "qwen3_30b_a3b": ((16, 1, 2048, 32), (4, 4, 2048, 32, ATTENTION, 8, 16)),
+    "gpt_oss_20b": ((8, 1, 2048, 128), (1, 1, 2048, 128, ATTENTION_MLP, 32, 32)),
+    "gpt_oss_120b": ((8, 4, 2048, 128), (1, 8, 2048, 128, ATTENTION_MLP, 32, 32)),
+    "olmoe_1b_7b": ((8, 1, 4096, 128), (1, 1, 4096, 128, ATTENTION_MLP, 32, 32)),
+    "moonlight_16b_a3b": ((8, 1, 8192, 8), (1, 4, 2048, 32, ["linear_q_proj", "linear_kv_down_proj",
+                                                              "linear_kv_up_proj", "linear_proj"], 8, 16)),
+}
+
+
 @pytest.fixture(scope="module")
 def hf_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-configs")
-    for name, config in PUBLISHED.items():
+    for name, config in {**PUBLISHED, **MOE_PUBLISHED}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
     data = root / "chat.jsonl"
@@ -92,11 +150,16 @@ def hf_configs(tmp_path_factory):
     return root, data
 
 
-def test_every_preset_builds_the_published_model_shape(hf_configs):
+@pytest.fixture(scope="module")
+def preset_shapes(hf_configs):
     root, data = hf_configs
     out = run_python("preset_shapes.py", root, data).stdout
-    result = json.loads(out.split("SHAPES ", 1)[1].splitlines()[0])
-    assert set(result) == set(PUBLISHED)
+    return json.loads(out.split("SHAPES ", 1)[1].splitlines()[0])
+
+
+def test_every_preset_builds_the_published_model_shape(preset_shapes):
+    result = preset_shapes
+    assert set(result) == set(PUBLISHED) | set(MOE_PUBLISHED)
     for name, hf in PUBLISHED.items():
         full, lora = result[name]["full"], result[name]["lora"]
         assert full["num_layers"] == hf["num_hidden_layers"], name
@@ -123,6 +186,38 @@ def test_every_preset_builds_the_published_model_shape(hf_configs):
         # recipes/<preset>.yaml: the same model, with the file's overrides.
         from_yaml = result[name]["yaml"]
         assert (from_yaml["train_iters"], from_yaml["save_interval"]) == (1000, 200)
+        assert {k: from_yaml[k] for k in full} == full, name
+
+
+def test_moe_presets_build_the_published_model_with_bridges_parallelism(preset_shapes):
+    """Each MoE preset: the published experts / top-k / expert FFN sizes (shared experts, dense first layers,
+    MLA where the model has them), and Bridge 0.6.2's recipe parallelism for full SFT and for LoRA."""
+    for name, hf in MOE_PUBLISHED.items():
+        full, lora, from_yaml = (preset_shapes[name][key] for key in ("full", "lora", "yaml"))
+        experts = hf.get("num_experts") or hf.get("num_local_experts") or hf.get("n_routed_experts")
+        assert (full["num_layers"], full["hidden_size"], full["num_attention_heads"], full["vocab_size"]) == (
+            hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["vocab_size"]), name
+        assert (full["num_moe_experts"], full["moe_router_topk"]) == (experts, hf["num_experts_per_tok"]), name
+        assert full["moe_ffn_hidden_size"] == hf.get("moe_intermediate_size", hf["intermediate_size"]), name
+        shared = hf.get("n_shared_experts")
+        assert full["moe_shared_expert_intermediate_size"] == (shared * hf["moe_intermediate_size"] if shared else None)
+        dense_first = hf.get("first_k_dense_replace", 0)
+        if dense_first:
+            assert full["moe_layer_freq"] == [0] * dense_first + [1] * (hf["num_hidden_layers"] - dense_first)
+        assert bool(full["multi_latent_attention"]) == ("kv_lora_rank" in hf), name
+        if "kv_lora_rank" in hf:
+            assert full["kv_lora_rank"] == hf["kv_lora_rank"]
+        (ep, pp, seq, gbs), (lora_tp, lora_ep, lora_seq, lora_gbs, targets, rank, alpha) = MOE_EXPECTED[name]
+        assert (full["expert_model_parallel_size"], full["pipeline_model_parallel_size"], full["seq_length"],
+                full["global_batch_size"]) == (ep, pp, seq, gbs), name
+        assert (full["tensor_model_parallel_size"], full["expert_tensor_parallel_size"], full["sequence_parallel"],
+                full["lr"], full["peft"]) == (1, 1, False, 5e-6, None), name
+        assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
+        assert (lora["tensor_model_parallel_size"], lora["expert_model_parallel_size"], lora["seq_length"],
+                lora["global_batch_size"], lora["lora"]) == (lora_tp, lora_ep, lora_seq, lora_gbs,
+                                                             [targets, rank, alpha]), name
+        assert lora["sequence_parallel"] == (lora_tp > 1) and lora["pipeline_model_parallel_size"] == 1, name
+        assert lora["lr"] == 1e-4 and lora["expert_tensor_parallel_size"] == 1, name
         assert {k: from_yaml[k] for k in full} == full, name
 
 

@@ -57,7 +57,7 @@ def main(args) -> int:
 
     try:
         config = build_config(args.recipe, args.overrides)
-        check_config(config)
+        check_config(config, world_size=None if args.dry_run else int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, ValueError) as exc:
         raise UserError(str(exc)) from None
 

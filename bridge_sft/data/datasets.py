@@ -18,7 +18,8 @@ the model no longer does.
 The label shift happens here: for a sample with ids ``x`` (length ``n``),
 ``tokens = x[:-1]``, ``labels = x[1:]``, ``loss_mask = mask[1:]`` (aligned to
 labels). Padding slots have ``loss_mask = 0`` and the pad token id as token and
-label (never -100).
+label (never -100), and ``padding_mask = True`` (bool [S]; mixture-of-experts routers
+leave them out: ``bridge_sft.moe``).
 
 This module imports torch, not megatron.
 """
@@ -45,7 +46,8 @@ class SFTDataset(torch.utils.data.Dataset):
     """Unpacked samples, one per item.
 
     ``__getitem__`` returns ``tokens`` int64 [L], ``labels`` int64 [L], ``loss_mask``
-    float32 [L], ``position_ids`` int64 [L]: L = ``seq_length`` with
+    float32 [L], ``position_ids`` int64 [L], ``padding_mask`` bool [L] (True on padding
+    slots): L = ``seq_length`` with
     ``pad_to_multiple=None``, else the sample's own ``len(ids) - 1`` slots.
     ``collate_fn`` stacks items into ``[b, T]``, padding each row with the pad id
     (``loss_mask`` 0, positions continuing): T = ``seq_length``, or with
@@ -96,11 +98,14 @@ class SFTDataset(torch.utils.data.Dataset):
         tokens[:n] = ids[:-1]
         labels[:n] = ids[1:]
         loss_mask[:n] = mask[1:]
+        padding_mask = torch.ones(s, dtype=torch.bool)
+        padding_mask[:n] = False
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.arange(s, dtype=torch.int64),
+            "padding_mask": padding_mask,
         }
 
     def padded_length(self, longest: int) -> int:
@@ -112,7 +117,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def collate_fn(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Stack items into ``[b, T]`` (T: ``padded_length`` of the longest); other keys are stacked."""
         width = self.padded_length(max(len(item["tokens"]) for item in batch))
-        fill = {"tokens": self.pad_id, "labels": self.pad_id, "loss_mask": 0}
+        fill = {"tokens": self.pad_id, "labels": self.pad_id, "loss_mask": 0, "padding_mask": True}
         out = {}
         for key in batch[0]:
             if key == "position_ids":
@@ -140,7 +145,8 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     """Packs of samples, one pack of ``seq_length`` slots per item (THD, micro-batch size 1).
 
     ``__getitem__`` returns ``tokens``/``labels``/``position_ids`` int64 [S] and
-    ``loss_mask`` float32 [S] (position ids restart at 0 for each sample), and
+    ``loss_mask`` float32 [S] (position ids restart at 0 for each sample), ``padding_mask`` bool [S]
+    (True on the slots no sample fills), and
     ``cu_seqlens_q`` = ``cu_seqlens_kv`` int32 [n+1]: the sample boundaries,
     starting at 0 and ending at S (trailing padding is a segment of its own);
     ``max_seqlen_q`` = ``max_seqlen_kv`` int32 [1], the longest segment. With
@@ -190,6 +196,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
         labels = np.full(s, self.pad_id, dtype=np.int64)
         loss_mask = np.zeros(s, dtype=np.float32)
         position_ids = np.zeros(s, dtype=np.int64)
+        padding_mask = np.ones(s, dtype=bool)
         physical, logical = [0], [0]
         pos = 0
         for sample in members.tolist():
@@ -199,6 +206,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             tokens[pos: pos + n] = ids[:-1]
             labels[pos: pos + n] = ids[1:]
             loss_mask[pos: pos + n] = mask[1:]
+            padding_mask[pos: pos + n] = False
             position_ids[pos: pos + width] = np.arange(width)
             pos += width
             physical.append(pos)
@@ -214,6 +222,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
+            "padding_mask": torch.from_numpy(padding_mask),
             "max_seqlen_q": max_seqlen,
             "max_seqlen_kv": max_seqlen,
         }

@@ -132,3 +132,59 @@ PRESETS = {
     for fn in (llama32_1b, llama32_3b, llama31_8b, qwen25_0p5b, qwen25_1p5b, qwen25_7b,
                qwen3_0p6b, qwen3_1p7b, qwen3_4b, qwen3_8b, gemma3_1b, gemma3_4b, gemma3_12b, gemma3_27b, mistral_7b)
 }
+
+
+# --- Mixture-of-experts presets (bridge_sft.moe) ------------------------------------------------------------
+# Parallelism, sequence length, batch size and LoRA settings of Megatron-Bridge 0.6.2's canonical SFT / PEFT
+# recipes for these models (megatron/bridge/recipes/{qwen,gpt_oss,olmoe,moonlight}/h100, the configs their
+# module aliases point at); expert tensor parallelism 1 as there. ``full`` is the SFT setting, ``lora`` what
+# ``peft="lora"`` changes. The router losses keep the coefficients Bridge reads from the HF config, weighted
+# as in pretraining (README "Mixture-of-experts models").
+
+
+def _moe_preset(hf_path: str, data, overrides: dict[str, Any], lora: dict[str, Any], **full: Any):
+    if overrides.get("peft") == "lora":
+        overrides = {"pipeline_parallel": 1, "sequence_parallel": False, **lora, **overrides}
+    return _preset(hf_path, data, overrides, **full)
+
+
+def qwen3_30b_a3b(hf_path: str = "Qwen/Qwen3-30B-A3B", data=None, **overrides):
+    """Qwen3-30B-A3B (128 experts, top-8): EP=16 (16 GPUs), seq 2048, packed global batch 32.
+    LoRA: TP=4 (sequence parallel) x EP=4, rank 8 / alpha 16 on attention only (experts not adapted)."""
+    lora = {"tensor_parallel": 4, "sequence_parallel": True, "expert_parallel": 4, "lora_dim": 8, "lora_alpha": 16,
+            "lora_targets": ["linear_qkv", "linear_proj"]}
+    return _moe_preset(hf_path, data, overrides, lora, seq_length=2048, expert_parallel=16, global_batch_size=32)
+
+
+def gpt_oss_20b(hf_path: str = "openai/gpt-oss-20b", data=None, **overrides):
+    """gpt-oss-20b (32 experts, top-4): EP=8, seq 2048, packed global batch 128.
+    LoRA: 1 GPU, rank 32 on attention and MLP (experts adapted)."""
+    return _moe_preset(hf_path, data, overrides, {"expert_parallel": 1}, seq_length=2048, expert_parallel=8,
+                       global_batch_size=128)
+
+
+def gpt_oss_120b(hf_path: str = "openai/gpt-oss-120b", data=None, **overrides):
+    """gpt-oss-120b (128 experts, top-4): PP=4 x EP=8 (32 GPUs), seq 2048, packed global batch 128.
+    LoRA: EP=8 (8 GPUs), rank 32 on attention and MLP (experts adapted)."""
+    return _moe_preset(hf_path, data, overrides, {"expert_parallel": 8}, seq_length=2048, pipeline_parallel=4,
+                       expert_parallel=8, global_batch_size=128)
+
+
+def olmoe_1b_7b(hf_path: str = "allenai/OLMoE-1B-7B-0924-Instruct", data=None, **overrides):
+    """OLMoE-1B-7B (64 experts, top-8): EP=8, seq 4096, packed global batch 128.
+    LoRA: 1 GPU, rank 32 on attention and MLP (experts adapted)."""
+    return _moe_preset(hf_path, data, overrides, {"expert_parallel": 1}, seq_length=4096, expert_parallel=8,
+                       global_batch_size=128)
+
+
+def moonlight_16b_a3b(hf_path: str = "moonshotai/Moonlight-16B-A3B-Instruct", data=None, **overrides):
+    """Moonlight-16B-A3B (DeepSeek-V3 architecture: MLA attention, 64 routed + 2 shared experts, top-6):
+    EP=8, seq 8192, packed global batch 8. LoRA: EP=4, seq 2048, global batch 32, rank 8 / alpha 16 on the
+    MLA projections only."""
+    lora = {"expert_parallel": 4, "seq_length": 2048, "global_batch_size": 32, "lora_dim": 8, "lora_alpha": 16,
+            "lora_targets": ["linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]}
+    return _moe_preset(hf_path, data, overrides, lora, seq_length=8192, expert_parallel=8, global_batch_size=8)
+
+
+MOE_PRESETS = {fn.__name__: fn for fn in (qwen3_30b_a3b, gpt_oss_20b, gpt_oss_120b, olmoe_1b_7b, moonlight_16b_a3b)}
+PRESETS.update(MOE_PRESETS)

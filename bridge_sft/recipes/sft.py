@@ -56,6 +56,8 @@ def sft(
     pipeline_parallel: int = 1,
     context_parallel: int = 1,
     sequence_parallel: bool = False,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
     micro_batch_size: int = 1,
     global_batch_size: int = 32,
     train_iters: int = 1000,
@@ -70,6 +72,7 @@ def sft(
     peft: str | None = None,
     lora_dim: int = 32,
     lora_alpha: int = 32,
+    lora_targets: list[str] | None = None,
     eval_interval: int | None = 100,
     eval_iters: int = 8,
     save_interval: int | None = 100,
@@ -91,6 +94,9 @@ def sft(
     to ``seq_length``.
     ``precision``: ``"bf16-mixed"``, ``"fp16-mixed"`` or ``"fp32"``. Outputs
     (checkpoints, TensorBoard logs, data cache) go under ``output_dir``.
+    ``expert_parallel`` / ``expert_tensor_parallel``: how a mixture-of-experts model's experts are
+    split (megatron's EP and ETP; ETP 1 as in Bridge's MoE recipes). ``lora_targets``: the
+    linear layers LoRA adapts (default: attention and MLP, which in an MoE model includes the experts).
     ``save_hf``: with every checkpoint also write the HF weights to
     ``checkpoints/iter_N/hf`` (Bridge's ``also_save_hf_checkpoint``; LoRA runs write
     an HF PEFT adapter there, ``bridge-sft convert export`` merges it).
@@ -108,6 +114,8 @@ def sft(
     model.pipeline_model_parallel_size = pipeline_parallel
     model.context_parallel_size = context_parallel
     model.sequence_parallel = sequence_parallel
+    model.expert_model_parallel_size = expert_parallel
+    model.expert_tensor_parallel_size = expert_tensor_parallel
     model.pipeline_dtype = torch.bfloat16 if pipeline_parallel > 1 and precision == "bf16-mixed" else None
     # Micro-batches of different lengths (dynamic padding): pipeline stages must exchange tensor shapes. Bridge's
     # provider turns model.variable_seq_lengths on when it finalizes with PP > 1 and this flag (its in-batch
@@ -188,7 +196,7 @@ def sft(
         rng=RNGConfig(seed=seed),
         dist=DistributedInitConfig(),
         mixed_precision=None if precision == "fp32" else precision,  # Bridge's named mixed-precision recipes
-        peft=LoRA(target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], dim=lora_dim,
-                  alpha=lora_alpha) if peft == "lora" else None,
+        peft=LoRA(target_modules=lora_targets or ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+                  dim=lora_dim, alpha=lora_alpha) if peft == "lora" else None,
     )
     return use_per_token_loss(config)

@@ -16,6 +16,9 @@ from bridge_sft.train import check_config
 FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
           "vocab_size", "share_embeddings_and_output_weights", "seq_length", "tensor_model_parallel_size",
           "calculate_per_token_loss", "rotary_base", "window_size", "interleaved_attn_pattern")
+MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+              "moe_layer_freq", "multi_latent_attention", "kv_lora_rank", "expert_model_parallel_size",
+              "expert_tensor_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")
 
 
 def shapes(config):
@@ -24,6 +27,9 @@ def shapes(config):
     model["dataset_seq_length"] = config.dataset.seq_length
     model["lr"] = config.optimizer.lr
     model["peft"] = type(config.peft).__name__ if config.peft else None
+    model.update({name: getattr(config.model, name, None) for name in MOE_FIELDS})
+    model["global_batch_size"] = config.train.global_batch_size
+    model["lora"] = [config.peft.target_modules, config.peft.dim, config.peft.alpha] if config.peft else None
     return model
 
 
