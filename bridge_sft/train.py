@@ -82,7 +82,8 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     CPU forms (``bridge_sft.cpu.configure``); on a GPU without Transformer Engine
     the model uses megatron-core's local layers (``bridge_sft.no_te``).
     ``callbacks``: Bridge ``Callback``s, run after our ``TokenThroughput``
-    (supervised and slot tokens/s in the log).
+    (supervised and slot tokens/s in the log); a ``TokenThroughput`` among them is used
+    as that one (the console's progress line reads it).
     ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
     Returns the run's token totals: supervised tokens, slot tokens, seconds, steps.
     """
@@ -93,8 +94,9 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     _single_process_rendezvous()
     bridge_fixes.apply()
     check_config(config)
-    throughput = TokenThroughput()
-    finetune(config, forward_step_func, callbacks=[throughput, *(callbacks or [])])
+    callbacks = list(callbacks or [])
+    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None) or TokenThroughput()
+    finetune(config, forward_step_func, callbacks=[throughput, *(c for c in callbacks if c is not throughput)])
     return throughput.totals
 
 
