@@ -55,8 +55,6 @@ HARMLESS: tuple[tuple[str, str], ...] = (
      "megatron-core probing the TE stand-in bridge-sft serves without TE; experts use local linear layers"),
     (r"Import of FP8GlobalStateManager from megatron\.core\.extensions\.transformer_engine failed",
      "Bridge's import probe for TE's FP8 state (an INFO record with a traceback, printed by its own handler)"),
-    (r"AttributeError: module 'megatron\.core\.extensions\.transformer_engine' has no attribute "
-     r"'FP8GlobalStateManager'", "the last line of that probe's traceback"),
     (r"gradient_accumulation_fusion requires either TransformerEngine or the fused_weight_gradient_mlp_cuda",
      "the fusion needs TE or Apex; Bridge switches it off, as bridge-sft's runtime does"),
     (r"No CUDA runtime is found, using CUDA_HOME",
@@ -460,10 +458,15 @@ class TrainConsole:
         self._recent.append(line)
         if self.verbose or not line.strip():
             return
-        continuation = line[0] in " \t" or self._in_traceback[stream] and not line.startswith("Traceback")
+        # A continuation inherits its first line's decision: the indented lines of a traceback and its
+        # exception line, and on stderr any indented line (a warning's source line). Bridge's indented
+        # stdout lines (config dump, per-iteration lines) are lines of their own.
+        indented = line[0] in " \t"
+        continuation = (self._in_traceback[stream] and not line.startswith("Traceback")
+                        or indented and stream == "stderr")
         if continuation:
             show = self._inherit[stream]
-            if not line[0] in " \t":
+            if not indented:
                 self._in_traceback[stream] = False  # the exception line ends a traceback
         else:
             if stream == "stderr" and self.rank == 0:
@@ -513,7 +516,7 @@ class TrainConsole:
             return list(self._recent)[-n:]
         with open(self.log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 256 * n))
+            f.seek(max(0, f.tell() - (1 << 20)))
             text = f.read().decode("utf-8", "replace")
         lines = [_ANSI.sub("", line.rsplit("\r", 1)[-1]) for line in text.splitlines()]
         return lines[-n:]
@@ -549,8 +552,9 @@ def describe_run(config, data_summary: dict | None = None, hf_path: str | None =
     rows = [("model", f"{arch} ({shape}) from {source}")]
     if config.peft is not None:
         peft = config.peft
+        targets = ", ".join(getattr(peft, "target_modules", []))
         rows.append(("fine-tuning", f"{type(peft).__name__} (dim {getattr(peft, 'dim', '?')}, alpha "
-                                    f"{getattr(peft, 'alpha', '?')}) on {', '.join(getattr(peft, 'target_modules', []))}"))
+                                    f"{getattr(peft, 'alpha', '?')}) on {targets}"))
     if data_summary is not None:
         rows.append(("data", describe_data(data_summary, config.dataset)))
     train, dataset = config.train, config.dataset
@@ -655,7 +659,7 @@ def _progress_callback_class():
         torch.distributed.broadcast(tensor, src=torch.distributed.get_world_size() - 1)
         return tensor.tolist()
 
-    def count_parameters(model) -> tuple[int, int]:
+    def count_parameters(model, moe: bool) -> tuple[int, int]:
         """(total, trainable) parameters of the whole model, over every tensor/pipeline/expert shard."""
         counts = torch.zeros(4, dtype=torch.float64)  # dense total, dense trainable, expert total, trainable
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -672,8 +676,9 @@ def _progress_callback_class():
         counts = counts.to(device())
         dense, experts = counts[:2].clone(), counts[2:].clone()
         torch.distributed.all_reduce(dense, group=parallel_state.get_model_parallel_group())
-        if experts.any() or parallel_state.get_expert_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(experts, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+        if moe:  # every rank takes part, with or without experts of its own
+            group = parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+            torch.distributed.all_reduce(experts, group=group)
         total = dense + experts
         return int(total[0]), int(total[1])
 
@@ -697,7 +702,8 @@ def _progress_callback_class():
             self._training = False
 
         def on_train_start(self, context) -> None:
-            self.parameters = count_parameters(context.model)
+            self.parameters = count_parameters(context.model, bool(getattr(context.state.cfg.model,
+                                                                            "num_moe_experts", None)))
             state = context.state
             self.total = state.cfg.train.train_iters
             self.interval = state.cfg.logger.log_interval or 1
@@ -746,8 +752,9 @@ def _progress_callback_class():
             due = iteration % self.plain_every == 0 or now - self._last_plain > PLAIN_LINE_SECONDS
             if iteration % self.interval == 0 and due or iteration == self.total:
                 self._last_plain = now
-                plain = (f"iteration {iteration:>{len(str(self.total))}}/{self.total} | " + " | ".join(filter(None, fields))
-                         + f" | ETA {eta_text}")
+                width = len(str(self.total))
+                plain = f"iteration {iteration:>{width}}/{self.total} | " + " | ".join(filter(None, fields)) \
+                    + f" | ETA {eta_text}"
             stats = "  ".join(filter(None, fields)).replace("supervised tokens/s", "sup. tok/s") + f"  ETA {eta_text}"
             self.console.update_progress(iteration, stats, plain)
 

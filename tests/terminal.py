@@ -20,6 +20,9 @@ import termios
 import time
 
 COLUMNS = 200
+# What the console of a clean run must not contain: warning or error lines, tracebacks, the known-harmless
+# noise of a CPU / no-TE run (which only the log holds).
+ALARMING = re.compile(r"^(warning|error)\b|traceback|deprecat|experimental|Transformer Engine and", re.I | re.M)
 _CONTROL = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])|\x1b[()][A-Za-z0-9]|\r|\n|[^\x1b\r\n]+|\x1b")
 
 
