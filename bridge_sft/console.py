@@ -575,7 +575,8 @@ def describe_run(config, data_summary: dict | None = None, hf_path: str | None =
     checkpoint = config.checkpoint
     if checkpoint.save:
         hf = ", HF export beside each" if checkpoint.also_save_hf_checkpoint else ""
-        rows.append(("checkpoints", f"{checkpoint.save} (every {checkpoint.save_interval} iterations{hf})"))
+        every = f"every {checkpoint.save_interval} iterations and " if checkpoint.save_interval else ""
+        rows.append(("checkpoints", f"{checkpoint.save} ({every}at the end{hf})"))
     if config.logger.tensorboard_dir:
         rows.append(("TensorBoard", config.logger.tensorboard_dir))
     return rows
@@ -689,7 +690,7 @@ def _progress_callback_class():
         log line), learning rate, grad norm, supervised tokens/s over the same window (from
         ``TokenThroughput``), ETA from wall time. Without a terminal, a plain line at log
         intervals: about 20 per run, and at least one a minute. Keeps ``train`` and
-        ``validation``: ``{iteration: lm loss}``.
+        ``validation`` (``{iteration: lm loss}``) and ``totals`` (as ``TokenThroughput.totals``).
         """
 
         def __init__(self, console: TrainConsole, throughput: TokenThroughput):
@@ -698,6 +699,8 @@ def _progress_callback_class():
             self.train: dict[int, float] = {}
             self.validation: dict[int, float] = {}
             self.parameters: tuple[int, int] | None = None
+            # as TokenThroughput.totals, but on every rank (the last pipeline stage's counts)
+            self.totals = {"supervised_tokens": 0.0, "slot_tokens": 0.0, "seconds": 0.0, "steps": 0}
             self.skipped = 0
             self._training = False
 
@@ -715,7 +718,7 @@ def _progress_callback_class():
             self._clock: tuple[int, float] | None = None
             self._training = True
             total, trainable = self.parameters
-            share = "all trainable" if trainable == total else f"{trainable:,} trainable ({trainable / total:.2%})"
+            share = "all trainable" if trainable == total else f"{trainable:,} trainable, {trainable / total:.2%}"
             self.console.row("parameters", f"{total:,} ({share})")
             if self.first:
                 self.console.row("resuming", f"from iteration {self.first}")
@@ -725,7 +728,10 @@ def _progress_callback_class():
             iteration = context.state.train_state.step + 1  # Bridge counts the step after the callbacks
             loss = context.loss_dict.get("lm loss") if context.loss_dict else None
             supervised, slots, seconds = self.throughput.last_step
-            loss, supervised = from_last_stage([math.nan if loss is None else float(loss), supervised])
+            loss, supervised, slots = from_last_stage([math.nan if loss is None else float(loss), supervised, slots])
+            for key, value in (("supervised_tokens", supervised), ("slot_tokens", slots), ("seconds", seconds)):
+                self.totals[key] += value
+            self.totals["steps"] += 1
             now = time.perf_counter()
             self.skipped += bool(context.skipped_iter)
             if not context.skipped_iter:
@@ -789,9 +795,9 @@ def progress_callbacks(console: TrainConsole) -> list:
     return [throughput, _progress_callback_class()(console, throughput)]
 
 
-def summary_rows(progress, totals: dict, console: TrainConsole) -> list[tuple[str, str]]:
+def summary_rows(progress, console: TrainConsole) -> list[tuple[str, str]]:
     """The summary's rows after ``run()``: losses, throughput, the log (and how much it held back)."""
-    rows = []
+    rows, totals = [], progress.totals
     train = [progress.train[k] for k in sorted(progress.train)]
     if train:
         rows.append(("train loss", f"{train[0]:.4f} -> {train[-1]:.4f} (per iteration)"))

@@ -101,9 +101,9 @@ def _train(args, console) -> int:
         console.configure(config)  # warnings: all to the log, the console filters
         callbacks = progress_callbacks(console)
         console.start_status("Bridge is setting up: model, weights, optimizer, data loaders")
-        totals = run(config, device=args.device, callbacks=callbacks)
+        run(config, device=args.device, callbacks=callbacks)
         progress = callbacks[-1]
-        console.table(f"done: {totals['steps']} iterations", summary_rows(progress, totals, console))
+        console.table(f"done: {progress.totals['steps']} iterations", summary_rows(progress, console))
     except DataError as exc:
         if _rank() == 0:
             _remove_unfinished(outputs, config.checkpoint.save, console.log_path)
