@@ -560,10 +560,11 @@ def describe_run(config, data_summary: dict | None = None, hf_path: str | None =
     train, dataset = config.train, config.dataset
     unit = "packs" if getattr(dataset, "packing", False) else "samples"
     sched = config.scheduler
-    rows.append(("training", f"{train.train_iters:,} iterations x {train.global_batch_size} {unit} of "
-                             f"{model.seq_length} tokens (micro-batch {train.micro_batch_size}); lr "
-                             f"{config.optimizer.lr:g} {sched.lr_decay_style} to {config.optimizer.min_lr:g}, "
-                             f"{sched.lr_warmup_iters} warm-up"))
+    iterations = f"{train.train_iters:,}" if train.train_iters else "?"
+    optimizer = config.optimizer
+    rows.append(("training", f"{iterations} iterations x {train.global_batch_size} {unit} of {model.seq_length} "
+                             f"tokens (micro-batch {train.micro_batch_size}); lr {optimizer.lr} "
+                             f"{sched.lr_decay_style} to {optimizer.min_lr}, {sched.lr_warmup_iters} warm-up"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp, cp = model.tensor_model_parallel_size, model.pipeline_model_parallel_size, model.context_parallel_size
     extras = [name for name, on in (("sequence parallel", model.sequence_parallel),
