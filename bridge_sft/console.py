@@ -180,6 +180,7 @@ class TrainConsole:
         self._label_width = 12
         self._bar = None
         self._progress_task = None
+        self._drawn = 0.0  # when the progress line was last redrawn
 
     # ------------------------------------------------------------------ session
 
@@ -375,7 +376,10 @@ class TrainConsole:
         if self._progress_task is not None:
             with self._lock:
                 self._bar.update(self._progress_task, completed=done, stats=stats)
-                self._bar.refresh()
+                now = time.monotonic()
+                if now - self._drawn >= 0.1 or done == self._bar.tasks[0].total:  # at most 10 redraws a second
+                    self._bar.refresh()
+                    self._drawn = now
         elif not self.tty and plain_line is not None:
             self._show(plain_line)
 
