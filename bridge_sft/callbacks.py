@@ -36,12 +36,14 @@ def count_tokens(state: GlobalState, loss_mask: torch.Tensor) -> None:
 
 
 class TokenThroughput(Callback):
-    """Logs supervised and slot tokens/s; keeps run totals in ``totals`` (read by the demo)."""
+    """Logs supervised and slot tokens/s; keeps run totals in ``totals`` (read by the demo) and the latest
+    step's figures in ``last_step`` (read by the console's progress line)."""
 
     def __init__(self) -> None:
         self.totals = {"supervised_tokens": 0.0, "slot_tokens": 0.0, "seconds": 0.0, "steps": 0}
         self._window = [0.0, 0.0, 0.0]
         self._step_start = 0.0
+        self.last_step = (0.0, 0.0, 0.0)  # supervised tokens, slots, seconds of the latest step
 
     def on_train_step_start(self, context) -> None:
         self._step_start = time.perf_counter()
@@ -58,6 +60,7 @@ class TokenThroughput(Callback):
         for key, value in (("supervised_tokens", supervised), ("slot_tokens", slots), ("seconds", seconds)):
             self.totals[key] += value
         self.totals["steps"] += 1
+        self.last_step = (supervised, slots, seconds)
         self._window = [self._window[0] + supervised, self._window[1] + slots, self._window[2] + seconds]
 
         iteration = state.train_state.step + 1

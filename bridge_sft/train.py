@@ -91,7 +91,8 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     CPU forms, and on a GPU without Transformer Engine TE's kernels are turned off
     (``bridge_sft.runtime.configure``).
     ``callbacks``: Bridge ``Callback``s, run after our ``TokenThroughput``
-    (supervised and slot tokens/s in the log).
+    (supervised and slot tokens/s in the log); a ``TokenThroughput`` among them is used
+    as that one (the console's progress line reads it).
     ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
     Returns the run's token totals: supervised tokens, slot tokens, seconds, steps.
     """
@@ -100,8 +101,9 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     _single_process_rendezvous()
     bridge_fixes.apply()
     check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    throughput = TokenThroughput()
-    callbacks = [throughput, *moe.callbacks_for(config, callbacks), *(callbacks or [])]
+    callbacks = list(callbacks or [])
+    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None) or TokenThroughput()
+    callbacks = [throughput, *moe.callbacks_for(config, callbacks), *(c for c in callbacks if c is not throughput)]
     finetune(config, forward_step_func, callbacks=callbacks)
     return throughput.totals
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from launch import REPO, run_python
+from terminal import ALARMING, run_in_pty, screen
 
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<kind>[\w-]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
@@ -73,24 +74,34 @@ def sh(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def after_make_demo(tmp_path_factory) -> Path:
-    """A working directory like the repository root after `make demo` (a short demo run)."""
+    """A working directory like the repository root after `make demo` (a short demo run, on a terminal:
+    its console fits on one screen, with one live progress line and no noise)."""
     root = tmp_path_factory.mktemp("readme")
     (root / "bridge_sft").symlink_to(REPO / "bridge_sft")
     (root / "recipes").symlink_to(REPO / "recipes")
-    proc = sh("bridge-sft demo --steps 6", root)
-    assert "bridge-sft demo: summary" in proc.stdout
+    code, raw = run_in_pty(["bridge-sft", "demo", "--steps", "6"], cwd=root, env=env())
+    lines = screen(raw)  # what stays on the terminal: the progress line's redraws are one line
+    text = "\n".join(lines)
+    assert code == 0, raw[-5000:]
+    assert len(lines) <= 60, text
+    assert "bridge-sft demo: summary" in text
+    assert sum(line.startswith("train ━") and " 6/6 loss " in line for line in lines) == 1, text
+    assert not ALARMING.search(text), text
     assert (root / "outputs/demo/loss_curve.png").is_file()
     assert (root / "outputs/demo/tiny-hf/config.json").is_file()
+    assert "Configuration Summary" in (root / "outputs/demo/run/logs/rank0.log").read_text()
     return root
 
 
 def test_tour_commands_run_verbatim(after_make_demo):
     tour = commands("run")
     assert [c.split()[:3] for c in tour] == [["bridge-sft", "data", "preview"], ["bridge-sft", "data", "prepare"],
-                                             ["bridge-sft", "train", "tiny"], ["bridge-sft", "convert", "export"]]
+                                             ["bridge-sft", "train", "tiny"], ["bridge-sft", "convert", "export"],
+                                             ["bridge-sft", "chat", "outputs/tour-hf"]]
     outputs = [sh(command, after_make_demo).stdout for command in tour]
     assert "[[" in outputs[0] and "supervised" in outputs[0]
     assert "packing" in outputs[1]
+    assert "done: 20 iterations" in outputs[2] and (after_make_demo / "outputs/tour/logs/rank0.log").is_file()
     assert (after_make_demo / "outputs/tour-hf/model.safetensors").is_file()
 
 

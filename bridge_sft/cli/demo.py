@@ -5,11 +5,12 @@
 3. fine-tune it with the ``tiny`` recipe under Megatron-Bridge's ``finetune()``
    (our dataset provider and forward step, packed sequences, validation, checkpoints);
 4. take the HF export Bridge wrote beside the last checkpoint, reload it with
-   ``transformers`` and generate a reply;
+   ``transformers`` and chat with it (``bridge_sft.cli.chat.Chat``, as ``bridge-sft chat``);
 5. draw the loss curve and print a summary.
 
 Everything goes to ``--output-dir`` (default ``outputs/demo``), which is
-replaced on every run.
+replaced on every run; the console is ``bridge-sft train``'s (``bridge_sft.console``),
+with the full log in ``OUTPUT_DIR/run/logs/rank0.log``.
 """
 
 from __future__ import annotations
@@ -27,19 +28,32 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="replaced on every run (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=200, help="training iterations (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--verbose", action="store_true", help="print everything Bridge prints, as well as the log")
     parser.set_defaults(func=main)
 
 
-def say(step: str, text: str) -> None:
-    print(f"\n==> [{step}] {text}", flush=True)
-
-
 def main(args) -> int:
+    from bridge_sft.console import TrainConsole
+
+    console = TrainConsole("demo", verbose=args.verbose)
+    with console:
+        code = _demo(args, console)
+    return 1 if console.failed else code
+
+
+# Header rows the demo shows (the data and the outputs have their own steps and summary).
+HEADER_ROWS = ("model", "training", "runtime")
+
+
+def _demo(args, console) -> int:
     start = time.perf_counter()
     out = Path(args.output_dir)
     if out.exists():
-        say("0/5", f"removing the previous demo output in {out}")
         shutil.rmtree(out)
+    log = console.open_log(out / "run" / "logs")
+
+    def say(step: str, text: str) -> None:
+        console.say(f"==> [{step}] {text}", style="bold")
 
     say("1/5", f"building a tiny Llama-style HF model and tokenizer in {out / 'tiny-hf'}")
     from bridge_sft.tiny import SAMPLE_DIALOGS, TinySizes, build_tiny_model
@@ -61,73 +75,75 @@ def main(args) -> int:
     data.parent.mkdir(parents=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in english), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    example = next(r for r in english if len(r["messages"]) >= 4)
+    example = min((r for r in english if len(r["messages"]) >= 4),
+                  key=lambda r: sum(len(m["content"]) for m in r["messages"]))
     encoded = encode_conversation(example["messages"], tokenizer)
-    print(f"   {len(english)} dialogs; supervised tokens between [[ ]] (each assistant reply and its end-of-turn token):")
+    console.say(f"   {len(english)} dialogs; supervised tokens between [[ ]] (each assistant reply and its "
+                "end-of-turn token):")
     rendered = render_supervised(encoded.input_ids, encoded.loss_mask, tokenizer)
-    print("   " + rendered.replace("\n", "\n   "))
+    console.say("   " + rendered.replace("\n", "\n   "))
 
     say("3/5", f"fine-tuning for {args.steps} iterations under Megatron-Bridge's finetune()")
     from bridge_sft import runtime
 
     runtime.maybe_enable(args.device)
     from bridge_sft.callbacks import LossHistory
+    from bridge_sft.console import describe_run, progress_callbacks
     from bridge_sft.recipes import tiny
     from bridge_sft.train import run
 
     config = tiny(str(hf_dir), str(data), output_dir=str(out / "run"), train_iters=args.steps, lr=3e-3,
-                  min_lr=3e-4, eval_interval=max(args.steps // 4, 1), save_interval=args.steps, log_interval=10)
+                  min_lr=3e-4, eval_interval=max(args.steps // 4, 1), save_interval=args.steps,
+                  log_interval=max(args.steps // 10, 1))
+    console.configure(config)  # warnings: all to the log, the console filters
+    rows = dict(describe_run(config))
+    for label in HEADER_ROWS:
+        console.row(label, rows[label])
+    console.row("log", f"{log} (everything Bridge prints)")
     history = LossHistory()
-    totals = run(config, device=args.device, callbacks=[history])
+    console.start_status("Bridge is setting up: model, weights, optimizer, data loaders")
+    totals = run(config, device=args.device, callbacks=[*progress_callbacks(console), history])
 
     export = Path(config.checkpoint.save) / f"iter_{args.steps:07d}" / "hf"
-    say("4/5", f"reloading the HF export {export} with transformers and generating")
-    replies = generate(export, PROMPTS)
-    print("   (a 4-layer model trained from random weights for two minutes: expect ChatterBot-flavoured\n"
-          "    fragments, not answers; the point is that the exported HF model loads and generates)")
-    for prompt, reply in replies:
-        print(f"   user: {prompt}\n   assistant: {reply}")
+    say("4/5", f"chatting with the HF export {export} (as `bridge-sft chat` does)")
+    from bridge_sft.cli.chat import Chat
+
+    chat = Chat(export, args.device)
+    console.say("   (a 4-layer model trained from random weights for two minutes: expect ChatterBot-flavoured\n"
+                "    fragments, not answers; the point is that the exported HF model loads and generates)")
+    for prompt in PROMPTS:
+        reply = chat.reply([{"role": "user", "content": prompt}], max_new_tokens=24, temperature=0.0)
+        console.say(f"   user: {prompt}\n   assistant: {reply}")
 
     say("5/5", "loss curve")
     plot = plot_losses(history, out / "loss_curve.png")
-    print(f"   {plot}")
+    console.say(f"   {plot}")
 
     train = [history.train[k] for k in sorted(history.train)]
     val = [history.validation[k] for k in sorted(history.validation)]
     rate = totals["supervised_tokens"] / max(totals["seconds"], 1e-9)
-    print("\n" + "=" * 72)
-    print("bridge-sft demo: summary")
-    print(f"  steps                 {totals['steps']} (global batch {config.train.global_batch_size} packs of "
-          f"{config.model.seq_length} tokens)")
-    print(f"  train loss            {train[0]:.3f} -> {train[-1]:.3f}")
+    lines = [
+        "=" * 72,
+        "bridge-sft demo: summary",
+        f"  steps                 {totals['steps']} (global batch {config.train.global_batch_size} packs of "
+        f"{config.model.seq_length} tokens)",
+        f"  train loss            {train[0]:.3f} -> {train[-1]:.3f}",
+    ]
     if val:
-        print(f"  validation loss       {val[0]:.3f} -> {val[-1]:.3f}")
-    print(f"  supervised tokens/s   {rate:,.0f} ({totals['supervised_tokens']:,.0f} supervised of "
-          f"{totals['slot_tokens']:,.0f} slots)")
-    print(f"  Megatron checkpoint   {config.checkpoint.save}")
-    print(f"  HF export             {export}")
-    print(f"  loss curve            {plot}")
-    print(f"  wall time             {time.perf_counter() - start:.0f} s")
-    print("=" * 72)
+        lines.append(f"  validation loss       {val[0]:.3f} -> {val[-1]:.3f}")
+    lines += [
+        f"  supervised tokens/s   {rate:,.0f} ({totals['supervised_tokens']:,.0f} supervised of "
+        f"{totals['slot_tokens']:,.0f} slots)",
+        f"  Megatron checkpoint   {config.checkpoint.save}",
+        f"  HF export             {export}",
+        f"  loss curve            {plot}",
+        f"  full log              {log}",
+        f"  wall time             {time.perf_counter() - start:.0f} s",
+        "=" * 72,
+    ]
+    for line in lines:
+        console.say(line)
     return 0
-
-
-def generate(hf_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> list[tuple[str, str]]:
-    """Greedy replies of the HF model in ``hf_dir`` to single-turn ``prompts``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    replies = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        replies.append((prompt, tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()))
-    return replies
 
 
 def plot_losses(history, path: Path) -> Path:

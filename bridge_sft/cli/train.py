@@ -4,7 +4,13 @@ Runs as is on one process, or under ``torchrun --nproc-per-node N`` (multi-GPU,
 multi-node): every rank runs the same command. ``--dry-run`` prints the resolved
 config and exits. On a bad recipe, argument, override or data path it stops with
 one line naming the problem, before anything is written; if training fails
-before its first checkpoint, the output folders it created are removed again.
+before its first checkpoint, the output folders it created are removed again
+(its log stays).
+
+The console shows a header, one progress line (plain periodic lines without a
+terminal), validation results, checkpoint saves, the warnings that matter and a
+summary; ``OUTPUT_DIR/logs/rank{N}.log`` holds everything (``bridge_sft.console``).
+``--verbose`` prints everything as well.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: the CPU runtime when torch sees no GPU (default)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print everything Bridge prints, as well as writing it to OUTPUT_DIR/logs/rank*.log")
     parser.set_defaults(func=main)
 
 
@@ -46,6 +54,15 @@ def _rank() -> int:
 
 
 def main(args) -> int:
+    from bridge_sft.console import TrainConsole
+
+    console = TrainConsole("train", verbose=args.verbose, passthrough=(UserError,))
+    with console:
+        code = _train(args, console)
+    return 1 if console.failed else code
+
+
+def _train(args, console) -> int:
     from bridge_sft import runtime
 
     try:
@@ -62,31 +79,44 @@ def main(args) -> int:
         raise UserError(str(exc)) from None
 
     if args.dry_run:
+        console.stop()  # the YAML goes to stdout as it is
         if _rank() == 0:
             config.print_yaml()
         return 0
 
+    from bridge_sft.console import describe_run, log_dir, progress_callbacks, summary_rows
     from bridge_sft.data import DataError
 
     outputs = [p for p in (config.checkpoint.save, config.logger.tensorboard_dir,
                            getattr(config.dataset, "cache_dir", None)) if p and not Path(p).exists()]
     try:
+        prepared = None
         if hasattr(config.dataset, "prepare"):  # read, check and cache the data before Bridge starts
-            config.dataset.prepare(config.dataset.data_path)
-        run(config, device=args.device)
+            console.start_status("reading and tokenising the data (cached for later runs)")
+            prepared = config.dataset.prepare(config.dataset.data_path)
+        log = console.open_log(log_dir(config))
+        console.table(f"bridge-sft train {args.recipe}",
+                      describe_run(config, prepared.summary if prepared is not None else None)
+                      + [("log", f"{log} (everything Bridge prints; one file per rank)")])
+        console.configure(config)  # warnings: all to the log, the console filters
+        callbacks = progress_callbacks(console)
+        console.start_status("Bridge is setting up: model, weights, optimizer, data loaders")
+        run(config, device=args.device, callbacks=callbacks)
+        progress = callbacks[-1]
+        console.table(f"done: {progress.totals['steps']} iterations", summary_rows(progress, console))
     except DataError as exc:
         if _rank() == 0:
-            _remove_unfinished(outputs, config.checkpoint.save)
+            _remove_unfinished(outputs, config.checkpoint.save, console.log_path)
         raise UserError(str(exc)) from None
     except BaseException:
         if _rank() == 0:
-            _remove_unfinished(outputs, config.checkpoint.save)
+            _remove_unfinished(outputs, config.checkpoint.save, console.log_path)
         raise
     return 0
 
 
-def _remove_unfinished(created: list[str], checkpoint_dir: str | None) -> None:
-    """Remove the folders this run created, unless it got as far as saving a checkpoint."""
+def _remove_unfinished(created: list[str], checkpoint_dir: str | None, log: Path | None) -> None:
+    """Remove the folders this run created, unless it got as far as saving a checkpoint (the log stays)."""
     if checkpoint_dir and Path(checkpoint_dir, "latest_checkpointed_iteration.txt").exists():
         return
     for path in created:
@@ -95,5 +125,6 @@ def _remove_unfinished(created: list[str], checkpoint_dir: str | None) -> None:
         if parent.exists() and not any(parent.iterdir()):
             parent.rmdir()
     if created:
-        print("bridge-sft: stopped before the first checkpoint; removed the folders this run had created.",
+        kept = f" (its log stays: {log})" if log is not None else ""
+        print(f"bridge-sft: stopped before the first checkpoint; removed the folders this run had created{kept}.",
               file=sys.stderr)
