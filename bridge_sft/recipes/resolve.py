@@ -103,16 +103,16 @@ def check_hf_checkpoint(hf_path: str) -> None:
             f"hf_path={hf_path} is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); bridge-sft "
             f"trains its language model: run `bridge-sft convert text-only {hf_path} DIR` and use hf_path=DIR."
         )
-    if architectures and not any(arch.endswith("ForCausalLM") for arch in architectures):
-        raise ConfigError(
-            f"hf_path={hf_path}: architecture {', '.join(architectures)} is not a causal language model; "
-            "bridge-sft fine-tunes text-only causal LMs (*ForCausalLM)."
-        )
     if not any(arch in supported for arch in architectures):
         causal_lms = ", ".join(a for a in supported if a.endswith("ForCausalLM"))
         raise ConfigError(
             f"hf_path={hf_path}: architecture {', '.join(architectures) or '(none in config.json)'} is not "
             f"supported by Megatron-Bridge 0.6.2. Supported causal LMs: {causal_lms}."
+        )
+    if not any(arch.endswith("ForCausalLM") for arch in architectures):  # Bridge's vision-language models
+        raise ConfigError(
+            f"hf_path={hf_path}: architecture {', '.join(architectures)} is a multimodal model; bridge-sft "
+            "fine-tunes text-only causal LMs (*ForCausalLM)."
         )
 
 
