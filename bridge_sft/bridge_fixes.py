@@ -15,6 +15,7 @@ def apply() -> None:
     """Apply every fix below (idempotent)."""
     _skip_compile_helpers_when_prebuilt()
     _post_layernorm_epsilon()
+    _expert_bias_with_padding_mask()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -53,3 +54,27 @@ def _post_layernorm_epsilon() -> None:
 
     cls.__init__ = __init__
     cls._bridge_sft_fixed_eps = True
+
+
+def _expert_bias_with_padding_mask() -> None:
+    """megatron-core 0.19.2's ``TopKRouter._apply_expert_bias`` leaves padding out of the expert-bias
+    statistics with ``routing_map & ~padding_mask``: a ``[tokens, experts]`` map against the flattened
+    ``[tokens]`` mask, which does not broadcast (and with as many tokens as experts would mask experts,
+    not tokens). Models with an expert bias (DeepSeek-V3, GLM-4.5, Moonlight) then fail whenever a
+    padding mask reaches the routers, as bridge-sft's forward step passes one. Mask per token."""
+    import inspect
+
+    import torch
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if "routing_map & (~padding_mask)" not in inspect.getsource(TopKRouter._apply_expert_bias):
+        return  # fixed upstream, or already replaced
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask.reshape(-1, 1)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    TopKRouter._apply_expert_bias = _apply_expert_bias

@@ -71,6 +71,8 @@ HARMLESS: tuple[tuple[str, str], ...] = (
     (r"`build_tokenizer` is deprecated and will be removed soon", "Bridge's own call of its tokenizer builder"),
     (r"`torch_dtype` is deprecated! Use `dtype` instead", "Bridge passes torch_dtype to transformers 5"),
     (r"GPTModel IS DEPRECATED", "megatron-core's notice on the model class Bridge 0.6.2 builds"),
+    (r'The fp8 argument in "get_gpt_layer_with_transformer_engine_spec" has been deprecated',
+     "Bridge 0.6.2's TE layer spec passes megatron-core's deprecated fp8 argument (None here: no fp8)"),
     (r"MCore's async save is deprecated", "printed by megatron-core when Bridge saves with its default strategy"),
     (r"Could not determine (rank|world size|local rank) from",
      "one process without torchrun: megatron-core's default, rank 0 of 1, is right"),

@@ -27,11 +27,16 @@ from megatron.bridge.models.gemma.gemma2_provider import (
     gemma2_layer_spec,
 )
 from megatron.bridge.models.gemma.gemma3_provider import Gemma3ModelProvider
-from megatron.bridge.models.olmoe.olmoe_provider import OlMoEModelProvider
+from megatron.bridge.models.olmoe.olmoe_provider import OlMoEModelProvider, olmoe_layer_spec
+from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
 
 from bridge_sft import bridge_fixes, runtime
 
 logger = logging.getLogger(__name__)
+
+# Checkpoints record a provider's layer spec by import path (run_config.yaml), and Bridge re-instantiates it
+# when it reads one (export, loading) only from allowed prefixes: allow this module's (gemma2_packed_layer_spec).
+register_allowed_target_prefix(f"{__name__}.")
 
 
 class UnsupportedModelError(ValueError):
@@ -131,7 +136,8 @@ def check_model(config) -> None:
 
 def check_provider(model) -> None:
     """``check_model`` for a model provider on its own."""
-    if isinstance(model, OlMoEModelProvider) and getattr(model, "tensor_model_parallel_size", 1) > 1:
+    olmoe = isinstance(model, OlMoEModelProvider) or getattr(model, "transformer_layer_spec", None) is olmoe_layer_spec
+    if olmoe and getattr(model, "tensor_model_parallel_size", 1) > 1:
         # Bridge's OLMoE attention normalises q and k over all heads, which a tensor-parallel rank does not hold.
         raise UnsupportedModelError(
             f"model.tensor_model_parallel_size={model.tensor_model_parallel_size}: Megatron-Bridge 0.6.2's OLMoE "

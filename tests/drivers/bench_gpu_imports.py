@@ -58,16 +58,10 @@ def hide_missing() -> None:
         if not {_norm(d) for d in dists} & allowed:
             hidden[module] = sorted(dists)
 
-    class Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            root = name.partition(".")[0]
-            if root in hidden:
-                raise ModuleNotFoundError(
-                    f"No module named {name!r} (hidden by {Path(__file__).name}: {hidden[root]} is neither in the "
-                    "GPU machine's image nor in benchmarks.gpu_check.CARRIED_WHEELS)", name=name)
-            return None
-
-    sys.meta_path.insert(0, Hide())
+    # None in sys.modules: `import x` raises ModuleNotFoundError and importlib.util.find_spec("x") answers None,
+    # as for a package that is not installed (libraries probe optional packages with find_spec).
+    for module in hidden:
+        sys.modules.setdefault(module, None)
 
 
 if __name__ == "__main__":
