@@ -9,7 +9,10 @@ micro-batch. It
    HF ``-100`` labels);
 2. calls ``model(tokens, position_ids, attention_mask, labels=labels)``: with
    labels, megatron-core's GPTModel returns per-token losses ``[b, s]``
-   (fp32, vocab-parallel cross-entropy, no logits materialised by us);
+   (fp32, vocab-parallel cross-entropy, no logits materialised by us). With
+   ``fused_loss_head`` on (the recipes' default) the call also passes
+   GPTModel's ``output_processor`` hook: ``bridge_sft.loss_head`` computes the
+   same per-token losses in chunks of tokens, without holding the logits;
 3. returns them with Bridge's ``masked_next_token_loss``, which sums
    ``losses * loss_mask`` and returns ``(loss_sum, num_tokens, {"lm loss": ...})``
    so Megatron divides by the number of supervised tokens of the whole global
@@ -38,6 +41,7 @@ from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_param
 from megatron.bridge.training.utils.pg_utils import get_pg_collection  # noqa: E402
 from megatron.core.utils import get_model_config  # noqa: E402
 
+from bridge_sft import loss_head  # noqa: E402
 from bridge_sft.batch import normalize_batch  # noqa: E402
 from bridge_sft.callbacks import count_tokens  # noqa: E402
 
@@ -131,13 +135,18 @@ def forward_step(
         check_for_spiky_loss=state.cfg.rerun_state_machine.check_for_spiky_loss,
     )
     if return_schedule_plan:  # MoE expert-parallel communication overlap
+        loss_head.log_not_in_schedule_plan(model)
         plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
         return plan, loss_func
+    # The fused loss head through GPTModel's output_processor hook, unless it is off or cannot apply
+    # (then megatron-core's own output layer + cross-entropy; bridge_sft.loss_head logs why, once).
+    processor = loss_head.output_processor_for(model) if labels is not None else None
     output = model(
         input_ids=tokens,
         position_ids=position_ids,
         attention_mask=attention_mask,
         labels=labels,
         packed_seq_params=packed_seq_params,
+        **({"output_processor": processor} if processor is not None else {}),
     )
     return output, loss_func
