@@ -18,9 +18,12 @@ and of the output weight. Rows whose loss gradient is exactly zero (tokens outsi
 ``loss_mask``: Bridge's ``masked_next_token_loss`` multiplies them by 0) get an
 exactly zero gradient in megatron-core too, so the backward skips them.
 
-Peak memory of the head: the chunk's logits (``LOGITS_CHUNK_BYTES`` of fp32 plus
-temporaries) and the weight gradient, instead of all logits. Cost: one more
-``[tokens, h] x [h, V]`` matmul (the recompute) over the supervised tokens.
+Peak memory of the head: one reused chunk buffer (``LOGITS_CHUNK_BYTES`` of fp32,
+plus one in the model dtype for bf16) and the weight gradient, instead of all logits.
+Cost: one more ``[tokens, h] x [h, V]`` matmul (the recompute) over the supervised
+tokens. Precision: the GEMMs run in the model dtype and everything after them in fp32,
+as in megatron-core; with bf16 weights the weight gradient is summed over chunks in
+fp32 (each chunk's product rounded once: within one bf16 ulp of megatron-core's).
 
 The hook into megatron-core is ONE documented place: ``GPTModel.forward``'s
 ``output_processor`` argument (megatron-core 0.19: "custom postprocess hook that
@@ -49,7 +52,8 @@ heads, logit soft-capping (Gemma 2/4 replace the output layer's forward), MuP
 output scaling, an output layer that is not a plain ``ColumnParallelLinear`` (a
 LoRA adapter on it, TE's MXFP8 LM head, ...), an output bias, deferred embedding
 weight-gradients, gathered (non-vocab-parallel) output, or a model whose forward
-has no ``output_processor``.
+has no ``output_processor``. The combined-1F1B schedule plan (MoE expert-parallel
+overlap) is not covered either (``log_not_in_schedule_plan``).
 """
 
 from __future__ import annotations
@@ -295,8 +299,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     gpt = unwrap_model(model)
     if not isinstance(gpt, GPTModel):
         return f"{type(gpt).__name__} is not a megatron-core GPTModel"
-    if "output_processor" not in inspect.signature(type(gpt).forward).parameters:
-        return f"{type(gpt).__name__}.forward takes no output_processor"
+    for method in ("forward", "_postprocess"):  # a subclass may override either without the hook
+        if "output_processor" not in inspect.signature(getattr(type(gpt), method)).parameters:
+            return f"{type(gpt).__name__}.{method} takes no output_processor"
     config = gpt.config
     if getattr(config, "mtp_num_layers", None):
         return f"multi-token prediction (mtp_num_layers={config.mtp_num_layers}) computes its own logits"

@@ -93,6 +93,7 @@ def test_fallback_logs_one_line_and_uses_megatron_core(parity):
         assert level == "WARNING" and words in message and "megatron-core" in message
     off = fallback["off"]
     assert not off["processor"] and off["reason"] is None and "off" in off["log"][0][1]
+    assert parity["recipe"] == {"default": True, "off": False, "train_iters": 3}
 
 
 def test_tensor_parallel_2_with_and_without_sequence_parallel(tmp_path):

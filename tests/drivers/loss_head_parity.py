@@ -18,8 +18,10 @@ layers, packed attention through ``bridge_sft.no_te``). Rank 0 writes ``{case: {
 - ``main_grad``: the gradient-accumulation-fusion protocol (``weight.main_grad``, a dummy gradient
   flagged ``grad_added_to_main_grad``), against megatron-core's plain weight gradient;
 - ``fallback``: ``unsupported_reason`` and the log records of ``output_processor_for`` for models the
-  head cannot express (Gemma 2's soft-capping output layer as Bridge installs it, MTP, MuP), and that
-  ``fused_loss_head=False`` turns it off.
+  head cannot express (Gemma 2's soft-capping output layer as Bridge installs it, MTP), and that
+  ``fused_loss_head=False`` turns it off;
+- ``recipe``: the recipe argument ``fused_loss_head`` as the CLI resolves it (default on; ``=false``),
+  after Bridge's own processing of dotted overrides.
 
 Across TP ranks each metric is the maximum over ranks (diffs) or ranks agree by construction.
 """
@@ -251,6 +253,19 @@ def fallback_case():
     return out
 
 
+def recipe_case(tmp_dir):
+    """The recipe argument reaches the model config and survives Bridge's override processing."""
+    from bridge_sft.recipes.resolve import build_config
+    from bridge_sft.tiny import build_tiny_model
+
+    hf = build_tiny_model(os.path.join(tmp_dir, "tiny"), arch="llama")
+    overrides = [f"hf_path={hf}", f"output_dir={tmp_dir}/run", "train.train_iters=3", "model.seq_length=256"]
+    default = build_config("tiny", overrides)
+    off = build_config("tiny", overrides + ["fused_loss_head=false"])
+    return {"default": getattr(default.model, "fused_loss_head", None), "off": off.model.fused_loss_head,
+            "train_iters": off.train.train_iters}
+
+
 def main(out_path):
     torchrun = "RANK" in os.environ
     if torchrun:
@@ -270,6 +285,7 @@ def main(out_path):
         result["model_all_masked"] = model_case(build(1), gen, zero_weights=True)
         result["main_grad"] = main_grad_case(build(1), gen)
         result["fallback"] = fallback_case()
+        result["recipe"] = recipe_case(os.path.dirname(os.path.abspath(out_path)))
     else:
         result["head_tp"] = head_case(build(tp), gen, torch.float32)
         with current_device_is_cpu():
