@@ -628,9 +628,10 @@ def case_markdown(summary: dict) -> str:
     ]
     for name, v in summary["per_variant"].items():
         peak = f"{v['peak_memory_gib']:.2f}" if env["cuda"] else "n/a (CPU)"
-        lines.append(f"| {name} | {v['seconds_per_iteration_median']:.4f} | {v['supervised_tokens_per_s_per_gpu']:,.0f} | "
-                     f"{v['slot_tokens_per_s_per_gpu']:,.0f} | {v['model_tflops_per_gpu']:.2f} | {v['mfu_vs_989']:.2%} | "
-                     f"{peak} | {v['fused_loss_head_used']} |")
+        lines.append(f"| {name} | {v['seconds_per_iteration_median']:.4f} | "
+                     f"{v['supervised_tokens_per_s_per_gpu']:,.0f} | {v['slot_tokens_per_s_per_gpu']:,.0f} | "
+                     f"{v['model_tflops_per_gpu']:.2f} | {v['mfu_vs_989']:.2%} | {peak} | "
+                     f"{v['fused_loss_head_used']} |")
     lines.append("")
     for label, c in summary["comparisons"].items():
         ci = c["seconds_per_iteration 95% CI"]

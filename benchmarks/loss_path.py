@@ -17,12 +17,12 @@ Two sections:
 
 1. **paths** (hidden 64, Qwen vocabulary 151,936, seq 2048 and 4096, fp32 and bf16): manual vs internal
    (memory and time ratios baseline / internal, as before), and fused vs internal;
-2. **target shape** (``--target``, part of the full run): seq 4096, hidden 1024, fp32, vocabularies 151,936
-   (Qwen) and 262,144 (Gemma 3), head and step, fused vs internal. Targets: head peak memory <= 0.35x and
-   time <= 1.3x of internal. The step feeds one packed row of four 1,024-token sequences (THD, the
-   recipes' packing), whose attention runs through torch SDPA (``bridge_sft.no_te``). The head's time is
-   also measured with every token supervised (``mask 100%``): the fused backward skips unsupervised
-   tokens, so its time ratio depends on their share.
+2. **target shape** (``--target``; 40+ minutes, so not part of ``benchmarks/run.py``): seq 4096, hidden
+   1024, fp32, vocabularies 151,936 (Qwen) and 262,144 (Gemma 3), head and step, fused vs internal.
+   Targets: head peak memory <= 0.35x and time <= 1.3x of internal. The step feeds one packed row of
+   four 1,024-token sequences (THD, the recipes' packing), whose attention runs through torch SDPA
+   (``bridge_sft.no_te``). The head's time is also measured with every token supervised (``100%``): the
+   fused backward skips unsupervised tokens, so its time ratio depends on their share.
 
 Time: median (of repeated runs, internal and fused interleaved ABBA in the target section); memory: extra
 resident memory at the peak (``benchmarks.common.peak_rss_mb``). Ratios compare paths measured in the
@@ -223,17 +223,17 @@ def _worker(args: list[str]) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, target: bool | None = None, repeats: int | None = None) -> list[dict]:
+def run(quick: bool = False, target: bool = False, repeats: int | None = None) -> list[dict]:
     """Measure (one fresh process per dtype / vocabulary) and return per-path rows plus ratio rows.
 
-    ``quick``: section 1 at seq 2048, one repeat. ``target``: section 2 (default: only when not quick;
-    about 30-40 minutes on 2 cores).
+    ``quick``: section 1 at seq 2048, one repeat. ``target``: section 2 as well (40+ minutes on 2 cores,
+    longer than ``benchmarks/run.py`` gives one benchmark: run it with ``--target``).
     """
-    target = not quick if target is None else target
     seqs = [2048] if quick else [2048, 4096]
     rows = []
     for dtype in ("fp32", "bf16"):
-        rows += _worker(["--worker", dtype, "--seqs", *map(str, seqs), "--repeats", str(repeats or (1 if quick else 3))])
+        rows += _worker(["--worker", dtype, "--seqs", *map(str, seqs),
+                         "--repeats", str(repeats or (1 if quick else 3))])
     return rows + (run_target(repeats) if target else []) + ratios(rows)
 
 

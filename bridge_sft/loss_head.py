@@ -360,9 +360,9 @@ def output_processor_for(model: torch.nn.Module, chunk_tokens: int | None = None
                   f"bridge_sft: fused loss head not used for this model: {reason}; "
                   "using megatron-core's output layer + vocab-parallel cross-entropy (full logits)")
         return None
+    chunks = f"{chunk_tokens} tokens" if chunk_tokens else f"~{LOGITS_CHUNK_BYTES >> 20} MiB of fp32 logits"
     _log_once(model, "on", logging.INFO, "bridge_sft: fused loss head on: output projection + cross-entropy in "
-              f"chunks of {'%d tokens' % chunk_tokens if chunk_tokens else '~%d MiB of fp32 logits' % (LOGITS_CHUNK_BYTES >> 20)}"
-              ", logits recomputed in backward")
+              f"chunks of {chunks}, logits recomputed in backward")
     if chunk_tokens is None:
         return fused_output_processor
     return functools.partial(fused_output_processor, chunk_tokens=chunk_tokens)

@@ -132,8 +132,9 @@ def head_case(model, gen, dtype, sequence_parallel=False, zero_weights=False):
         logits64 = (hidden64 @ weight64.t()).transpose(0, 1)  # [b, s, V]
         losses64 = torch.logsumexp(logits64, -1) - logits64.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         (losses64 * w).sum().backward()
-        for name, (a, b, exact) in {"loss": (ours[0], ref[0], losses64), "hidden_grad": (ours[1], ref[1], hidden64.grad),
-                                    "weight_grad": (ours[2], ref[2], weight64.grad)}.items():
+        paths = {"loss": (ours[0], ref[0], losses64), "hidden_grad": (ours[1], ref[1], hidden64.grad),
+                 "weight_grad": (ours[2], ref[2], weight64.grad)}
+        for name, (a, b, exact) in paths.items():
             extra[f"{name}_err_vs_fp64"] = max_diff(a.double(), exact)
             extra[f"ref_{name}_err_vs_fp64"] = max_diff(b.double(), exact)
     return {**extra,
