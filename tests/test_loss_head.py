@@ -3,7 +3,8 @@
 - per-token losses and gradients (hidden states, output weight, every model parameter) against
   megatron-core's ``output_layer`` + ``compute_language_model_loss`` on real GPTModels (CPU runtime):
   fp32, bf16, tied embeddings, packed sequences (THD), all-masked, the ``main_grad`` protocol, and
-  TP=2 (vocabulary-parallel, with and without sequence parallel) under torchrun on gloo;
+  under torchrun on gloo TP=2 (vocabulary-parallel, with and without sequence parallel) and PP=2
+  (megatron-core's 1F1B schedule, the head on the last stage);
 - the fallback: one log line per model where the head cannot apply (soft-capping, MTP ...);
 - Bridge's ``finetune()`` with the fused head on and off in one run (the GPU suite's dry run): the same
   losses on the same batches and weights. (The recipes' default is on, so every other training test of the
@@ -96,7 +97,7 @@ def test_fallback_logs_one_line_and_uses_megatron_core(parity):
     assert parity["recipe"] == {"default": True, "off": False, "train_iters": 3}
 
 
-def test_tensor_parallel_2_with_and_without_sequence_parallel(tmp_path):
+def test_tensor_parallel_2_with_and_without_sequence_parallel_and_pipeline_parallel_2(tmp_path):
     out = tmp_path / "tp2.json"
     run_torchrun("loss_head_parity.py", out, nproc=2, timeout=600)
     result = json.loads(out.read_text())
@@ -104,6 +105,12 @@ def test_tensor_parallel_2_with_and_without_sequence_parallel(tmp_path):
     for name in ("head_tp", "head_tp_sp", "model_tp", "model_tp_tied", "model_tp_packed"):
         _check_fp32(result[name], name)
     assert result["head_tp_sp"]["hidden_grad_scale"] > 1e-2
+    pipeline = result["model_pp"]  # PP=2, 1F1B over two micro-batches, tied embeddings
+    print("model_pp", pipeline)
+    assert pipeline["loss_diff"] <= FP32_LOSS_TOL and pipeline["grad_diff"] <= FP32_GRAD_TOL
+    assert pipeline["grad_scale"] > 1e-2  # both stages' gradients (the first's via the head's hidden gradient)
+    assert pipeline["losses_on_last_stage"] == 2 and pipeline["processor_on_last_stage"] is True
+    assert all(n > 0 for n in pipeline["stage_params_with_grads"])
 
 
 @pytest.mark.slow

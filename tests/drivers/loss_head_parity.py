@@ -1,7 +1,8 @@
 """Driver: the fused loss head (bridge_sft.loss_head) against megatron-core's own loss path.
 
 Usage: ``loss_head_parity.py OUT_JSON`` (one process, TP=1) or under ``torchrun --nproc-per-node 2``
-(TP=2 on gloo: vocabulary-parallel output layer, with and without sequence parallel). Real
+(TP=2 on gloo: vocabulary-parallel output layer, with and without sequence parallel; then PP=2 through
+megatron-core's 1F1B schedule: ``model_pp``). Real
 megatron-core GPTModels built by Megatron-Bridge's ``GPTModelProvider`` on the CPU runtime (local
 layers, packed attention through ``bridge_sft.no_te``). Rank 0 writes ``{case: {metric: value}}``:
 
@@ -48,13 +49,14 @@ from bridge_sft import loss_head  # noqa: E402
 VOCAB, HIDDEN, SEQ, BATCH, CHUNK = 1000, 64, 40, 2, 16
 
 
-def build(tp: int, dtype=torch.float32, tied=False, seed=0):
+def build(tp: int, dtype=torch.float32, tied=False, seed=0, pp: int = 1):
     provider = GPTModelProvider(
-        num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=4 * HIDDEN, num_attention_heads=4, num_query_groups=2,
+        num_layers=pp, hidden_size=HIDDEN, ffn_hidden_size=4 * HIDDEN, num_attention_heads=4, num_query_groups=2,
         vocab_size=VOCAB, seq_length=SEQ, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
         position_embedding_type="rope", share_embeddings_and_output_weights=tied, add_bias_linear=False,
         make_vocab_size_divisible_by=128, bf16=dtype == torch.bfloat16, params_dtype=dtype, hidden_dropout=0.0,
-        attention_dropout=0.0, tensor_model_parallel_size=tp,
+        attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype if pp > 1 else None,
     )
     cpu.configure_model(provider)
     provider.finalize()
@@ -254,6 +256,54 @@ def fallback_case():
     return out
 
 
+def pipeline_case(gen):
+    """PP=2 (one layer per stage, tied embeddings), megatron-core's 1F1B schedule over 2 micro-batches: the
+    fused head runs on the last stage only, its hidden-state gradient goes back to the first stage. Each
+    rank compares its own stage's parameter gradients and (last stage) the losses."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = build(1, tied=True, pp=2)
+    processor = loss_head.output_processor_for(model, chunk_tokens=CHUNK)
+    batches = []
+    for _ in range(2):
+        batches.append({"tokens": torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen),
+                        "labels": torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen),
+                        "w": token_weights((BATCH, SEQ), gen)})
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+
+    def run(fused):
+        model.zero_grad(set_to_none=True)
+        losses = []
+
+        def forward_step(data_iterator, model_chunk):
+            batch = next(data_iterator)
+            extra = {"output_processor": processor} if fused else {}
+            output = model_chunk(batch["tokens"], positions, None, labels=batch["labels"], **extra)
+
+            def loss_func(output_tensor):
+                losses.append(output_tensor.detach().clone())
+                loss = (output_tensor * batch["w"]).sum()
+                return loss, {"loss": loss.detach()}
+
+            return output, loss_func
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+                                    num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=BATCH)
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (ref_losses, ref_grads), (losses, grads) = run(False), run(True)
+    assert grads.keys() == ref_grads.keys() and grads, (sorted(grads), sorted(ref_grads))
+    last = parallel_state.is_pipeline_last_stage()
+    return {
+        "loss_diff": max((max_diff(a, b) for a, b in zip(losses, ref_losses)), default=0.0),
+        "losses_on_last_stage": len(losses) if last else -1,
+        "grad_diff": max(max_diff(grads[n], ref_grads[n]) for n in grads),
+        "grad_scale": max(scale(g) for g in ref_grads.values()),
+        "stage_params_with_grads": len(grads),
+        "processor_on_last_stage": processor is not None if last else None,
+    }
+
+
 def recipe_case(tmp_dir):
     """The recipe argument reaches the model config and survives Bridge's override processing."""
     from bridge_sft.recipes.resolve import build_config
@@ -295,7 +345,20 @@ def main(out_path):
         result["model_tp"] = model_case(build(tp), gen)
         result["model_tp_tied"] = model_case(build(tp, tied=True), gen)
         result["model_tp_packed"] = model_case(build(tp, tied=True), gen, packed=True)
-        for case in result.values():  # worst rank
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(pipeline_model_parallel_size=tp)
+        pipeline = pipeline_case(gen)
+        rank_facts = [None] * tp
+        torch.distributed.all_gather_object(rank_facts, pipeline)
+        result["model_pp"] = {
+            "loss_diff": max(f["loss_diff"] for f in rank_facts),
+            "grad_diff": max(f["grad_diff"] for f in rank_facts),
+            "grad_scale": min(f["grad_scale"] for f in rank_facts),  # each stage's gradients must be real
+            "losses_on_last_stage": rank_facts[-1]["losses_on_last_stage"],
+            "processor_on_last_stage": rank_facts[-1]["processor_on_last_stage"],
+            "stage_params_with_grads": [f["stage_params_with_grads"] for f in rank_facts],
+        }
+        for case in (c for name, c in result.items() if name != "model_pp"):  # worst rank
             for key, value in case.items():
                 if key.endswith(("_diff", "_scale")) or key in ("grad_scale", "max_abs_grad"):
                     t = torch.tensor([value], dtype=torch.float64)
