@@ -12,18 +12,22 @@ against the local vocabulary shard, the row max (all-reduced MAX over the TP
 group), the target logit and the sum of exponentials (all-reduced SUM), exactly
 the operations of megatron-core's ``_VocabParallelCrossEntropy.forward``, and
 keeps only the loss, max and sum-exp per token (fp32). The backward pass
-recomputes each chunk's logits and forms ``(softmax - one_hot) * grad`` chunk by
-chunk (megatron-core's backward), accumulating the gradients of the hidden states
-and of the output weight. Rows whose loss gradient is exactly zero (tokens outside
+recomputes the logits tile by tile and forms ``(softmax - one_hot) * grad``
+(megatron-core's backward) from the saved max and sum-exp; its tiles are slices of
+the vocabulary shard over all tokens at once, of the same size as a forward chunk,
+so that each row of the output-weight gradient is computed by one GEMM and written
+once (token chunks would re-read and re-write the whole ``[V, h]`` gradient per
+chunk), while the hidden-state gradient ``[tokens, h]`` accumulates in fp32. No
+logits outlive their tile. Rows whose loss gradient is exactly zero (tokens outside
 ``loss_mask``: Bridge's ``masked_next_token_loss`` multiplies them by 0) get an
 exactly zero gradient in megatron-core too, so the backward skips them.
 
-Peak memory of the head: one reused chunk buffer (``LOGITS_CHUNK_BYTES`` of fp32,
-plus one in the model dtype for bf16) and the weight gradient, instead of all logits.
-Cost: one more ``[tokens, h] x [h, V]`` matmul (the recompute) over the supervised
-tokens. Precision: the GEMMs run in the model dtype and everything after them in fp32,
-as in megatron-core; with bf16 weights the weight gradient is summed over chunks in
-fp32 (each chunk's product rounded once: within one bf16 ulp of megatron-core's).
+Peak memory of the head: one reused tile (``LOGITS_CHUNK_BYTES`` of fp32, plus one in
+the model dtype for bf16) and the weight gradient, instead of all logits. Cost: one
+more ``[tokens, h] x [h, V]`` GEMM (the recompute) over the supervised tokens.
+Precision: the logits GEMMs run in the model dtype and everything after them in fp32,
+as in megatron-core; the weight gradient is one GEMM per slice, as megatron-core's;
+the hidden-state gradient sums per-slice products in fp32 (``_mm_fp32``).
 
 The hook into megatron-core is ONE documented place: ``GPTModel.forward``'s
 ``output_processor`` argument (megatron-core 0.19: "custom postprocess hook that
@@ -82,9 +86,11 @@ logger = logging.getLogger(__name__)
 # The recipes' default for ``fused_loss_head`` (``bridge_sft.recipes.sft``); also what the forward step
 # assumes when a config does not carry the attribute (a ConfigContainer built outside our recipes).
 DEFAULT = True
-# fp32 logits per chunk. 128 MiB: 220 tokens at vocab 151,936, 128 at 262,144 (rounded down to a multiple
-# of 64 tokens, at least 64): large enough for efficient GEMMs, small next to the weight gradient.
-LOGITS_CHUNK_BYTES = 128 * 2**20
+# fp32 logits per tile. 256 MiB: chunks of 384 tokens at vocab 151,936, 256 at 262,144, 512 at 128,256
+# (rounded down to a multiple of 64, at least 64). Smaller tiles make slower GEMMs (on 2 CPU cores, 192-token
+# chunks ran at 70% of the full GEMM's FLOP/s, 384-token ones at 87%), larger ones hold more memory; either
+# way small next to the weight gradient (vocab 151,936 x hidden 1024, fp32: 594 MiB).
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 
 def chunk_tokens_for(vocab_local: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
@@ -96,7 +102,8 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     """losses[i] = logsumexp(hidden[i] @ W^T) - (hidden[i] @ W^T)[target[i]], vocab sharded over ``tp_group``.
 
     ``hidden`` ``[n, h]`` (model dtype), ``weight`` ``[V/tp, h]``, ``target`` ``[n]`` (int64, global
-    ids) -> ``[n]`` fp32. Only the per-token max and sum-exp are kept for the backward pass.
+    ids) -> ``[n]`` fp32. Forward in chunks of ``chunk_tokens`` tokens; only the per-token max and
+    sum-exp are kept for the backward pass, which works in vocabulary slices of the same tile size.
     """
 
     @staticmethod
@@ -109,11 +116,11 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         row_max = torch.empty_like(losses)
         sum_exp = torch.empty_like(losses)
-        buffers = _ChunkBuffers(min(n, chunk_tokens), weight)
+        tile = _Tile(min(n, chunk_tokens) * weight.size(0), weight)
         for lo in range(0, n, chunk_tokens):
             hi = min(n, lo + chunk_tokens)
             # The operations (and their order) of megatron-core's _VocabParallelCrossEntropy.forward.
-            logits = buffers.logits(hidden[lo:hi])
+            logits = tile.logits(hidden[lo:hi], weight)
             chunk_max = torch.amax(logits, dim=-1)  # = logits.max(dim=-1)[0], without the indices
             if world > 1:
                 torch.distributed.all_reduce(chunk_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
@@ -130,7 +137,7 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
             sum_exp[lo:hi] = chunk_sum_exp
         ctx.save_for_backward(hidden, weight, target, row_max, sum_exp)
         ctx.vocab_range = (vocab_start, vocab_end)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_elements = chunk_tokens * weight.size(0)  # the backward's tiles are as large
         ctx.main_grad = main_grad  # not saved for backward: Megatron swaps main_grad buffers in place
         return losses
 
@@ -138,78 +145,115 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses):
         hidden, weight, target, row_max, sum_exp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        vocab_start, vocab_end = ctx.vocab_range
         main_grad = ctx.main_grad if need_weight else None
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight_fp32 = None
-        if need_weight and main_grad is None:
-            grad_weight_fp32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        weight_grad_into = main_grad if main_grad is not None else grad_weight_fp32
 
         # Rows with a zero loss gradient (outside loss_mask) have an exactly zero gradient: skip them.
         rows = torch.nonzero(grad_losses).squeeze(-1)
-        every_row = rows.numel() == hidden.size(0)
-        chunk = ctx.chunk_tokens
-        buffers = _ChunkBuffers(min(rows.numel(), chunk), weight)
-        for lo in range(0, rows.numel(), chunk):
-            hi = min(rows.numel(), lo + chunk)
-            if every_row:
-                idx, h = None, hidden[lo:hi]
-                sel = slice(lo, hi)
-            else:
-                idx = rows[lo:hi]
-                h, sel = hidden.index_select(0, idx), idx
-            # megatron-core's backward, (softmax - one_hot(target)) * grad, as
-            # exp(logits - max) * (grad / sum_exp) - one_hot * grad (one pass fewer over the chunk), the
-            # one-hot on the rank that holds the target; cast to the model dtype as the autograd of
-            # megatron-core's ``logits.float()`` does.
-            grad_logits = buffers.logits(h)
-            grad_logits -= row_max[sel].unsqueeze(-1)
-            torch.exp(grad_logits, out=grad_logits)
-            grad_rows = grad_losses[sel].float()
-            grad_logits *= (grad_rows / sum_exp[sel]).unsqueeze(-1)
-            target_local, outside = _local_target(target[sel], vocab_start, vocab_end)
-            arange = torch.arange(grad_logits.size(0), device=grad_logits.device)
-            grad_logits[arange, target_local] -= grad_rows.masked_fill(outside, 0.0)
-            grad_logits = buffers.in_weight_dtype(grad_logits)
-            if need_hidden:
-                grad_h = torch.matmul(grad_logits, weight)
-                if idx is None:
-                    grad_hidden[lo:hi] = grad_h
-                else:
-                    grad_hidden.index_copy_(0, idx, grad_h)
-            if weight_grad_into is not None:
-                if weight_grad_into.dtype == grad_logits.dtype:
-                    weight_grad_into.addmm_(grad_logits.t(), h)
-                else:  # low-precision GEMM (fp32 accumulation inside), summed over chunks in fp32
-                    weight_grad_into += torch.matmul(grad_logits.t(), h)
+        if rows.numel() == hidden.size(0):
+            rows = None
 
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t.index_select(0, rows)
+
+        h = pick(hidden)
+        m = h.size(0)
+        grad_rows = pick(grad_losses).float()
+        shift = pick(row_max).unsqueeze(-1)
+        scale = (grad_rows / pick(sum_exp)).unsqueeze(-1)
+        target_local, outside = _local_target(pick(target), *ctx.vocab_range)
+        arange = torch.arange(m, device=h.device)
+        grad_h = torch.zeros(m, h.size(1), dtype=torch.float32, device=h.device) if need_hidden else None
         grad_weight = None
-        if grad_weight_fp32 is not None:
-            grad_weight = grad_weight_fp32 if weight.dtype == torch.float32 else grad_weight_fp32.to(weight.dtype)
-        elif main_grad is not None:
+        if need_weight and main_grad is None:
+            grad_weight = torch.empty_like(weight) if m else torch.zeros_like(weight)
+
+        # Slices of the local vocabulary, all (gradient-carrying) tokens at once: each row of the weight
+        # gradient is written once (no [V, h] accumulator traffic per chunk); the hidden-state gradient
+        # [tokens, h] accumulates in fp32.
+        width = _slice_columns(m, weight.size(0), ctx.chunk_elements)
+        tile = _Tile(m * width, weight)
+        for v0 in range(0, weight.size(0) if m else 0, width):
+            w = weight[v0:v0 + width]
+            # megatron-core's backward, (softmax - one_hot(target)) * grad, from the saved max and sum-exp,
+            # as exp(logits - max) * (grad / sum_exp) - one_hot * grad (one pass fewer over the tile); the
+            # one-hot where the target is in this slice of this rank's shard; then cast to the model dtype
+            # as the autograd of megatron-core's ``logits.float()`` does.
+            g = tile.logits(h, w)
+            g -= shift
+            torch.exp(g, out=g)
+            g *= scale
+            column = target_local - v0
+            here = ~outside & (column >= 0) & (column < w.size(0))
+            g[arange, column.clamp(0, w.size(0) - 1)] -= grad_rows * here
+            g = tile.in_weight_dtype(g)
+            if need_hidden:
+                grad_h += _mm_fp32(g, w)
+            if grad_weight is not None:
+                torch.matmul(g.t(), h, out=grad_weight[v0:v0 + width])
+            elif main_grad is not None:
+                main_grad[v0:v0 + width] += _mm_fp32(g.t(), h)
+
+        grad_hidden = None
+        if need_hidden:
+            if rows is None:
+                grad_hidden = grad_h.to(hidden.dtype)
+            else:
+                grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_h.to(hidden.dtype))
+        if main_grad is not None:
             grad_weight = _main_grad_protocol(weight, hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
-class _ChunkBuffers:
-    """One fp32 logits buffer ``[chunk, V/tp]`` (and one in the weight's dtype, if that is lower) reused by
-    every chunk: on the CPU a fresh allocation of this size is a fresh mmap whose pages fault in each time."""
+class _Tile:
+    """One reused fp32 buffer for a tile of logits (and one in the weight's dtype, if that is lower): on the
+    CPU a fresh allocation of this size is a fresh mmap whose pages fault in every time."""
 
-    def __init__(self, rows: int, weight: torch.Tensor):
-        self.fp32 = torch.empty(rows, weight.size(0), dtype=torch.float32, device=weight.device)
+    def __init__(self, elements: int, weight: torch.Tensor):
+        self.fp32 = torch.empty(elements, dtype=torch.float32, device=weight.device)
         self.low = None if weight.dtype == torch.float32 else torch.empty_like(self.fp32, dtype=weight.dtype)
-        self.weight = weight
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(hidden @ W^T).float()`` (the GEMM in the weight's dtype) in the fp32 buffer."""
-        rows = hidden.size(0)
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``(hidden @ weight^T).float()``, the GEMM in the weight's dtype (as megatron-core's output layer)."""
+        shape = (hidden.size(0), weight.size(0))
+        out = self.fp32[: shape[0] * shape[1]].view(shape)
         if self.low is None:
-            return torch.matmul(hidden, self.weight.t(), out=self.fp32[:rows])
-        return self.fp32[:rows].copy_(torch.matmul(hidden, self.weight.t(), out=self.low[:rows]))
+            return torch.matmul(hidden, weight.t(), out=out)
+        return out.copy_(torch.matmul(hidden, weight.t(), out=self.low[: out.numel()].view(shape)))
 
     def in_weight_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
-        return grad_logits if self.low is None else self.low[: grad_logits.size(0)].copy_(grad_logits)
+        if self.low is None:
+            return grad_logits
+        return self.low[: grad_logits.numel()].view(grad_logits.shape).copy_(grad_logits)
+
+
+def _slice_columns(rows: int, vocab_local: int, elements: int) -> int:
+    """Columns per backward slice so that a ``[rows, columns]`` tile has about ``elements`` elements."""
+    return min(vocab_local, max(64, elements // max(rows, 1) // 64 * 64))
+
+
+_MM_OUT_DTYPE: bool | None = None  # torch.mm(..., out_dtype=) works on this device (CUDA, recent torch)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32, for partial products that are summed afterwards (a
+    low-precision result would be rounded once per slice). fp32 inputs: a plain GEMM; bf16/fp16 on CUDA:
+    ``torch.mm(out_dtype=float32)`` where torch has it (else the low-precision GEMM, upcast); on the CPU,
+    where low-precision GEMMs are no faster, the GEMM of the upcast inputs."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.device.type != "cuda":
+        return torch.mm(a.float(), b.float())
+    if _MM_OUT_DTYPE is not False:
+        try:
+            result = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return result
+        except (TypeError, RuntimeError) as error:
+            _MM_OUT_DTYPE = False
+            logger.info("bridge_sft: torch.mm(out_dtype=float32) unavailable (%s): low-precision partial "
+                        "products in the fused loss head's backward", error)
+    return torch.mm(a, b).float()
 
 
 def _local_target(target: torch.Tensor, vocab_start: int, vocab_end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,13 +371,16 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+# Per model (weak keys: an id() could be reused by a later model): why the head does not apply, and which
+# lines were logged.
 _REASONS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
-_LOGGED: set[tuple[int, str]] = set()
+_LOGGED: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
 
 
 def _log_once(model: torch.nn.Module, key: str, level: int, message: str) -> None:
-    if (id(model), key) not in _LOGGED:
-        _LOGGED.add((id(model), key))
+    logged = _LOGGED.setdefault(model, set())
+    if key not in logged:
+        logged.add(key)
         logger.log(level, message)
 
 
