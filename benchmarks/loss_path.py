@@ -21,8 +21,9 @@ Two sections:
    1024, fp32, vocabularies 151,936 (Qwen) and 262,144 (Gemma 3), head and step, fused vs internal.
    Targets: head peak memory <= 0.35x and time <= 1.3x of internal. The step feeds one packed row of
    four 1,024-token sequences (THD, the recipes' packing), whose attention runs through torch SDPA
-   (``bridge_sft.no_te``). The head's time is also measured with every token supervised (``100%``): the
-   fused backward skips unsupervised tokens, so its time ratio depends on their share.
+   (``bridge_sft.no_te``). The head is also measured with every token supervised (``100%``): the fused
+   backward skips unsupervised tokens, so its time ratio depends on their share. ``--levels head`` and
+   ``--repeats N`` (ABBA rounds) for more timed runs of the head alone.
 
 Time: median (of repeated runs, internal and fused interleaved ABBA in the target section); memory: extra
 resident memory at the peak (``benchmarks.common.peak_rss_mb``). Ratios compare paths measured in the
@@ -163,7 +164,7 @@ def _measure(dtype_name: str, seqs: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def _measure_target(vocab: int, repeats: int) -> list[dict]:
+def _measure_target(vocab: int, repeats: int, levels: list[str]) -> list[dict]:
     """Worker, section 2: seq 4096, hidden 1024, fp32, ``vocab``: internal vs fused, head and step."""
     torch, dtype = _setup("fp32")
     from megatron.bridge.training.model_load_save import temporary_distributed_context
@@ -199,7 +200,8 @@ def _measure_target(vocab: int, repeats: int) -> list[dict]:
             losses = model(input_ids, positions, None, labels=labels, packed_seq_params=packed, **extra)
             _masked_mean(losses, mask).backward()
 
-        plan = [("head", "70%"), ("step", "70%")] + ([("head", "100%")] if vocab == TARGET_VOCABS[0] else [])
+        plan = [("head", "70%"), ("step", "70%"), ("head", "100%")]
+        plan = [(level, share) for level, share in plan if level in levels]
         for level, share in plan:
             fn = {"head": head, "step": step}[level]
             runs = {"internal": [], "fused": []}
@@ -212,7 +214,7 @@ def _measure_target(vocab: int, repeats: int) -> list[dict]:
             for path, measured in runs.items():
                 rows.append({"dtype": "fp32", "seq": seq, "hidden": hidden_size, "vocab": vocab, "level": level,
                              "supervised": share, "path": path, "median_s": statistics.median(s for s, _ in measured),
-                             "peak_mb": max(p for _, p in measured), "runs": len(measured)})
+                             "peak_mb": max(p for _, p in measured), "runs_s": [round(t, 2) for t, _ in measured]})
     return rows
 
 
@@ -237,11 +239,11 @@ def run(quick: bool = False, target: bool = False, repeats: int | None = None) -
     return rows + (run_target(repeats) if target else []) + ratios(rows)
 
 
-def run_target(repeats: int | None = None) -> list[dict]:
+def run_target(repeats: int | None = None, levels: tuple[str, ...] = ("head", "step")) -> list[dict]:
     """Section 2 alone: rows and their ratio rows."""
     rows = []
     for vocab in TARGET_VOCABS:
-        rows += _worker(["--target-worker", str(vocab), "--repeats", str(repeats or 1)])
+        rows += _worker(["--target-worker", str(vocab), "--repeats", str(repeats or 1), "--levels", *levels])
     return rows + ratios(rows)
 
 
@@ -286,16 +288,18 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--target-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--levels", nargs="+", choices=("head", "step"), default=["head", "step"],
+                        help="section 2: the levels to measure (default both)")
     parser.add_argument("--seqs", nargs="+", type=int, default=[2048, 4096], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_measure(args.worker, args.seqs, args.repeats or 3)))
         return
     if args.target_worker:
-        print(json.dumps(_measure_target(args.target_worker, args.repeats or 1)))
+        print(json.dumps(_measure_target(args.target_worker, args.repeats or 1, args.levels)))
         return
     if args.target:
-        rows = run_target(args.repeats)
+        rows = run_target(args.repeats, tuple(args.levels))
     else:
         rows = run(quick=args.quick, repeats=args.repeats)
     if args.json:
