@@ -33,14 +33,15 @@ benchmarks/README.md for the wheels to carry and the exact command):
    tokens), MFU against 989 dense BF16 TFLOP/s (H100 SXM), peak allocated GPU memory;
    and the ratios ours / Bridge's.
 
-Without Transformer Engine (as on the lent GPU machines) the model runs megatron-core's
-local layers: THD packed attention through ``bridge_sft.no_te.PackedDotProductAttention``
-(torch ``scaled_dot_product_attention`` per packed sequence; ``--packed-attention unfused``
-runs megatron-core's unfused kernel instead, with core attention recomputed in the backward
-pass, as the s^2 attention probabilities of 16 layers would not fit otherwise) and the
-TE/apex-only fusions (RoPE, masked softmax) off.
+Without Transformer Engine (as on the lent GPU machines) the model is megatron-core's TE layer
+spec on ``bridge_sft.runtime``'s plain-torch stand-ins for Transformer Engine's modules
+(``bridge_sft/runtime/te_torch.py``): THD packed attention through torch
+``scaled_dot_product_attention`` per packed sequence (``--packed-attention unfused`` computes the
+probabilities explicitly instead, with core attention recomputed in the backward pass, as the
+s^2 attention probabilities of 16 layers would not fit otherwise) and the TE/apex-only fusions
+(RoPE, masked softmax) off.
 Both steps run exactly that model, so the ratio is fair; the absolute MFU is that of the
-local layers, not of a TE build. The output says which it was.
+plain-torch stand-ins, not of a TE build. The output says which it was.
 
 ``--model qwen3_30b_a3b`` checks a mixture-of-experts shape instead: Qwen3-30B-A3B's layer (128
 experts, top-8) with 4 of its 48 layers, the router losses on (see the block at the end of this file).
@@ -158,13 +159,16 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_hf_model(out_dir: Path, sizes: dict, device: str) -> Path:
-    """Write a random-weight (bf16) Llama 3.2-style HF model of ``sizes`` with its tokenizer to ``out_dir``."""
-    from transformers import LlamaConfig
+def build_hf_model(out_dir: Path, sizes: dict, device: str, vocab: int = VOCAB) -> Path:
+    """Write a random-weight (bf16) Llama 3.2-style HF model of ``sizes`` with its tokenizer to ``out_dir``.
+
+    ``vocab`` (>= the tokenizer's 128,256 ids): the model's vocabulary (embedding and output layer rows)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=VOCAB, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=dict(ROPE),
+        vocab_size=vocab, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_parameters=dict(ROPE),
         tie_word_embeddings=True, hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16", **sizes,
@@ -208,8 +212,8 @@ def environment(packed_attention: str = "sdpa") -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)",
         "cuda": cuda, "transformer_engine": te,
         "layers": "Transformer Engine" if te else (
-            "megatron-core local layers (no Transformer Engine): THD packed attention through "
-            "bridge_sft.no_te.PackedDotProductAttention, "
+            "megatron-core's TE spec on bridge_sft.runtime's plain-torch TE modules (no Transformer Engine): "
+            "THD packed attention through "
             + ("torch scaled_dot_product_attention per packed sequence" if packed_attention == "sdpa"
                else "megatron-core's unfused local attention per packed sequence")),
         **{name: version(name) for name in ("megatron-core", "megatron-bridge", "transformers", "tokenizers")},
@@ -229,7 +233,7 @@ def make_config(hf_dir: Path, data: Path, out_dir: Path, args, env: dict):
     config.checkpoint.save = None
     config.checkpoint.load = None
     config.logger.tensorboard_dir = None
-    # Without TE, train.run switches to local layers (no_te.configure_model: TE/apex fusions off).
+    # Without TE, bridge_sft.runtime serves plain-torch TE modules (runtime.configure_model: TE/apex fusions off).
     # The unfused local attention keeps s^2 probabilities per layer for backward (16 layers would
     # not fit): recompute them.
     recompute = args.recompute
@@ -241,30 +245,32 @@ def make_config(hf_dir: Path, data: Path, out_dir: Path, args, env: dict):
     return config
 
 
+def step_figures(rows: list[dict]) -> dict:
+    """Per-GPU figures of one step's timed iterations (records of ``benchmarks.step_overhead``)."""
+    if not rows:
+        raise RuntimeError("no timed iteration of a step: raise --iters / --rounds or lower --warmup")
+    seconds = sum(r["seconds"] for r in rows)
+    flops = sum(r.get("flops") or 0.0 for r in rows)
+    tflops = flops / seconds / 1e12
+    return {
+        "timed_iterations": len(rows),
+        "seconds_per_iteration_median": statistics.median(r["seconds"] for r in rows),
+        "supervised_tokens_per_s_per_gpu": sum(r["supervised_tokens"] for r in rows) / seconds,
+        "slot_tokens_per_s_per_gpu": sum(r["slots"] for r in rows) / seconds,
+        "model_tflops_per_gpu": tflops,
+        "mfu_vs_989": tflops / PEAK_BF16_TFLOPS,
+        "peak_memory_gib": max(r["peak_gib"] for r in rows),
+        "flops_per_iteration": flops / len(rows),
+    }
+
+
 def summarize(result: dict, args, env: dict, setup: dict) -> dict:
     """Per-step figures over the timed iterations, the ratios, and the self-checks."""
     from benchmarks.step_overhead import BRIDGE, OURS, consistency, median_ci95, pair_ratios
 
     records = result["records"]
     timed = [r for r in records if r["iteration"] >= args.warmup and not r["skipped"]]
-    per_step = {}
-    for kind in (OURS, BRIDGE):
-        rows = [r for r in timed if r["kind"] == kind]
-        if not rows:
-            raise RuntimeError(f"no timed iteration of {kind}: raise --iters or lower --warmup")
-        seconds = sum(r["seconds"] for r in rows)
-        flops = sum(r.get("flops") or 0.0 for r in rows)
-        tflops = flops / seconds / 1e12
-        per_step[kind] = {
-            "timed_iterations": len(rows),
-            "seconds_per_iteration_median": statistics.median(r["seconds"] for r in rows),
-            "supervised_tokens_per_s_per_gpu": sum(r["supervised_tokens"] for r in rows) / seconds,
-            "slot_tokens_per_s_per_gpu": sum(r["slots"] for r in rows) / seconds,
-            "model_tflops_per_gpu": tflops,
-            "mfu_vs_989": tflops / PEAK_BF16_TFLOPS,
-            "peak_memory_gib": max(r["peak_gib"] for r in rows),
-            "flops_per_iteration": flops / len(rows),
-        }
+    per_step = {kind: step_figures([r for r in timed if r["kind"] == kind]) for kind in (OURS, BRIDGE)}
     ratios = pair_ratios(records, args.warmup)
     ours, bridge = per_step[OURS], per_step[BRIDGE]
     flops_diffs = [abs(a.get("flops", 0) - b.get("flops", 0)) / max(a.get("flops") or 1.0, 1.0)
@@ -366,15 +372,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work-dir", help="model, data and run folder (default: a folder under /tmp)")
     parser.add_argument("--wheel-commands", action="store_true",
                         help="print the commands that fetch the wheels the GPU machine needs into .whl/, and exit")
+    parser.add_argument("--suite", action="store_true",
+                        help="the measurement suite instead of the step comparison: every case of --cases (default "
+                             f"all: {', '.join(CASES)}) in its own process (fused loss head vs megatron-core's, "
+                             "SDPA vs unfused packed attention; see benchmarks/README.md)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="the suite's cases (default: all)")
+    parser.add_argument("--suite-budget-s", type=float, default=440.0,
+                        help="the suite's cases, set-up included, end within this many seconds (default 440)")
+    parser.add_argument("--case-reserve-s", type=float, default=90.0,
+                        help="the suite starts a case only with at least this many seconds of its budget left")
+    parser.add_argument("--case-budget-s", type=float, default=75.0,
+                        help="a suite case stops training after a complete round once this many seconds passed")
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # one case (a suite child)
+    parser.add_argument("--rounds", type=int, help="a case's rounds of iterations (default 7; dry run 3)")
+    parser.add_argument("--warmup-rounds", type=int, help="a case's untimed first rounds (default 2; dry run 1)")
     args = parser.parse_args(argv)
     if args.wheel_commands:
         print(wheel_commands())
         return {}
-    defaults = {"seq_length": (4096, 512), "global_batch_size": (8, 2), "iters": (48, 6), "warmup": (8, 2)}
-    for key, (full, dry) in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, dry if args.dry_run else full)
-    args.iters += args.iters % 2
+    if args.suite:
+        return run_suite(args)
+    if not args.case:  # a case has its own sizes (CASES)
+        defaults = {"seq_length": (4096, 512), "global_batch_size": (8, 2), "iters": (48, 6), "warmup": (8, 2)}
+        for key, (full, dry) in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, dry if args.dry_run else full)
+        args.iters += args.iters % 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import tempfile
@@ -384,23 +407,22 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no GPU visible to torch; use --dry-run for the CPU version")
     device = "cpu" if args.dry_run else "cuda"
-    from bridge_sft import cpu
+    from bridge_sft import runtime
 
-    cpu.maybe_enable(device)  # before megatron.bridge (CPU runtime, or the no-TE runtime on a GPU without TE)
+    runtime.maybe_enable(device)  # before megatron.bridge (CPU runtime, or the no-TE runtime on a GPU without TE)
     env = environment(args.packed_attention)
     if not env["transformer_engine"]:
-        from megatron.bridge.models import gpt_provider
-
-        gpt_provider.MCoreDotProductAttention.use_sdpa = args.packed_attention == "sdpa"
+        use_sdpa(args.packed_attention == "sdpa")
     log(json.dumps({k: v for k, v in env.items() if k != "layers"}))
     log(f"layers: {env['layers']}")
 
     out = Path(args.out or os.environ.get("OUT") or REPO / "outputs" / "bench" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)
+    check = _case if args.case else _check
     if args.work_dir:
-        return _check(args, env, device, out, Path(args.work_dir))
+        return check(args, env, device, out, Path(args.work_dir))
     with tempfile.TemporaryDirectory(prefix="bridge_sft_gpu_check_") as work:  # removed afterwards
-        return _check(args, env, device, out, Path(work))
+        return check(args, env, device, out, Path(work))
 
 
 def _check(args, env: dict, device: str, out: Path, work: Path) -> dict:
@@ -436,6 +458,316 @@ def _check(args, env: dict, device: str, out: Path, work: Path) -> dict:
     print(report, flush=True)
     log(f"results in {out}")
     return summary
+
+
+# --------------------------------------------------------------------------- the suite (--suite)
+#
+# Measurements beyond the step comparison, each case one training process (Bridge keeps global state) that
+# interleaves K variants of the run on identical batches: iterations come in rounds of K consecutive
+# iterations that get the same global batch (learning rate 0: the same weights), the order of the variants
+# rotating from round to round; the first rounds are not timed. Per variant: seconds per iteration,
+# supervised and slot tokens/s, TFLOP/s, MFU, peak allocated memory (reset at every iteration start).
+
+GEMMA3_1B = {  # Gemma 3 1B's sizes (google/gemma-3-1b-it config.json); the model itself is a Llama, see SHAPES
+    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256,
+}
+TINY_GEMMA = {  # dry run: head_dim != hidden / heads, as in Gemma 3
+    "hidden_size": 72, "intermediate_size": 288, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "head_dim": 48,
+}
+GEMMA3_VOCAB = 262_144
+# shape -> (sizes on the GPU, sizes in the dry run, vocabulary, description)
+SHAPES = {
+    "llama32-1b": (LLAMA32_1B, TINY, VOCAB, "Llama-3.2-1B shape"),
+    "gemma3-1b": (GEMMA3_1B, TINY_GEMMA, GEMMA3_VOCAB,
+                  "Gemma-3-1B sizes on the Llama architecture (vocabulary 262,144, hidden 1152, 26 layers, 4 heads "
+                  "of 256, 1 KV head, FFN 6912, tied embeddings; only the loss head's shape is Gemma 3's: no sliding window, QK-norm, sandwich "
+                  "norms or GeLU)"),
+}
+DEFAULT = "default"  # the recipes' defaults: fused loss head, packed attention through SDPA
+# variant -> what differs from the default
+VARIANTS = {
+    DEFAULT: {"fused_loss_head": True, "attention": "sdpa"},
+    "megatron-core loss": {"fused_loss_head": False, "attention": "sdpa"},
+    "unfused attention": {"fused_loss_head": True, "attention": "unfused"},
+}
+# comparison -> (subject, baseline): ratios subject / baseline
+COMPARISONS = {"loss head: fused / megatron-core": (DEFAULT, "megatron-core loss"),
+               "packed attention: SDPA / unfused (+ core-attention recompute)": (DEFAULT, "unfused attention")}
+# case -> (shape, seq (GPU, dry run), packs per global batch (GPU, dry run), variants)
+CASES = {
+    "llama-4096": ("llama32-1b", (4096, 512), (4, 2), (DEFAULT, "megatron-core loss", "unfused attention")),
+    "llama-8192": ("llama32-1b", (8192, 1024), (2, 1), (DEFAULT, "megatron-core loss")),
+    "gemma-4096": ("gemma3-1b", (4096, 512), (4, 2), (DEFAULT, "megatron-core loss", "unfused attention")),
+    "gemma-8192": ("gemma3-1b", (8192, 1024), (2, 1), (DEFAULT, "megatron-core loss")),
+}
+
+
+def variant_of_iteration(iteration: int, k: int) -> int:
+    """Index of the variant that runs 0-based ``iteration``: rounds of ``k``, the order rotating by one each
+    round (for k=2 this is ``step_overhead.kind_of_iteration``'s (A, B), (B, A), ... order)."""
+    round_, position = divmod(iteration, k)
+    return (position + round_) % k
+
+
+def use_sdpa(on: bool) -> None:
+    """Without TE: the packed attention through torch SDPA (``on``) or the explicit softmax kernel of
+    ``bridge_sft.runtime.te_torch.DotProductAttention`` (read at forward time). A TE host keeps TE's kernels."""
+    from bridge_sft import runtime
+
+    if runtime.mode() != "te":
+        from bridge_sft.runtime import te_torch
+
+        te_torch.DotProductAttention.use_sdpa = on
+
+
+def apply_variant(model, variant: dict) -> None:
+    """Set a variant on the live model: the fused loss head (read per call by bridge_sft.step) and, without TE,
+    the packed attention kernel, with core attention recomputed in backward for the unfused one (its s^2
+    probabilities of every layer would not fit otherwise). Both are read at forward time."""
+    from megatron.core.utils import get_model_config, unwrap_model
+
+    get_model_config(model).fused_loss_head = variant["fused_loss_head"]
+    unfused = variant["attention"] == "unfused"
+    use_sdpa(not unfused)
+    for module in unwrap_model(model).modules():
+        if hasattr(module, "checkpoint_core_attention"):
+            module.checkpoint_core_attention = unfused
+
+
+def variant_forward_step(variants: list[str], used: dict):
+    """bridge_sft's forward step, with the variant of the current iteration applied first; ``used[iteration]``
+    records whether the fused loss head was passed to the model (bridge_sft.loss_head)."""
+    from bridge_sft import loss_head
+    from bridge_sft import step as sft_step
+
+    def forward_step(state, data_iterator, model, return_schedule_plan: bool = False):
+        iteration = state.train_state.step
+        apply_variant(model, VARIANTS[variants[variant_of_iteration(iteration, len(variants))]])
+        if model.training:
+            used[iteration] = loss_head.output_processor_for(model) is not None
+        return sft_step.forward_step(state, data_iterator, model, return_schedule_plan)
+
+    return forward_step
+
+
+def _round_budget_callback(k: int, budget_s: float):
+    from megatron.bridge.training.callbacks import Callback
+
+    class RoundBudget(Callback):
+        """Stop training after the first complete round that ends ``budget_s`` seconds after training began."""
+
+        def __init__(self):
+            self.start, self.stopped_early = time.perf_counter(), False
+
+        def on_train_start(self, context):
+            self.start = time.perf_counter()
+
+        def on_train_step_end(self, context):
+            iteration, train = context.state.train_state.step, context.state.cfg.train
+            if (iteration % k == k - 1 and iteration + 1 < train.train_iters
+                    and time.perf_counter() - self.start > budget_s):
+                train.train_iters, self.stopped_early = iteration + 1, True
+
+    return RoundBudget()
+
+
+def variant_run(config, variants: list[str], device: str, budget_s: float) -> dict:
+    """Train ``config`` with the variants interleaved on repeated batches; per-iteration records."""
+    from benchmarks.step_overhead import _iteration_recorder_class, batch_tokens, paired_provider
+    from bridge_sft import train
+
+    k, gbs = len(variants), config.train.global_batch_size
+    config.dataset = paired_provider(config.dataset, gbs, repeats=k)
+    recorder, budget, used = _iteration_recorder_class()(None), _round_budget_callback(k, budget_s), {}
+    totals = train.run(config, device=device, callbacks=[recorder, budget],
+                       forward_step_func=variant_forward_step(variants, used))
+    paired = config.dataset.__dict__["_paired_train"]
+    for record in recorder.records:
+        record["kind"] = variants[variant_of_iteration(record["iteration"], k)]
+        record["fused_loss_head_used"] = used.get(record["iteration"])
+        record["supervised_tokens"], record["slots"] = batch_tokens(paired, record["iteration"])
+    return {"records": recorder.records, "totals": totals, "stopped_early": budget.stopped_early,
+            "packs": len(paired.base.plan), "samples": len(paired.base.indices)}
+
+
+def summarize_case(name: str, result: dict, variants: list[str], warmup: int, settings: dict, env: dict) -> dict:
+    """Per-variant figures, ratios of each comparison (per round, median and 95% CI) and self-checks."""
+    from benchmarks.step_overhead import median_ci95
+
+    records, k = result["records"], len(variants)
+    timed = [r for r in records if r["iteration"] >= warmup and not r["skipped"]]
+    per_variant = {v: step_figures([r for r in timed if r["kind"] == v]) for v in variants}
+    for v in variants:
+        used = [r["fused_loss_head_used"] for r in records if r["kind"] == v]
+        per_variant[v]["fused_loss_head_used"] = f"{sum(map(bool, used))}/{len(used)} iterations"
+    rounds: dict[int, dict] = {}
+    for r in records:
+        rounds.setdefault(r["iteration"] // k, {})[r["kind"]] = r
+    comparisons, max_loss_diff = {}, {}
+    for label, (subject, baseline) in COMPARISONS.items():
+        if subject not in variants or baseline not in variants:
+            continue
+        pairs = [(rd[subject], rd[baseline]) for i, rd in rounds.items() if len(rd) == k and i * k >= warmup
+                 and not rd[subject]["skipped"] and not rd[baseline]["skipped"]]
+        time_ratios = [a["seconds"] / b["seconds"] for a, b in pairs]
+        s, b = per_variant[subject], per_variant[baseline]
+        comparisons[label] = {
+            "subject": subject, "baseline": baseline, "rounds": len(pairs),
+            "seconds_per_iteration (median of rounds)": statistics.median(time_ratios) if time_ratios else None,
+            "seconds_per_iteration 95% CI": median_ci95(time_ratios) if time_ratios else None,
+            "supervised_tokens_per_s": s["supervised_tokens_per_s_per_gpu"] / b["supervised_tokens_per_s_per_gpu"],
+            "peak_memory": s["peak_memory_gib"] / b["peak_memory_gib"] if b["peak_memory_gib"] else None,
+            "peak_memory_saved_gib": b["peak_memory_gib"] - s["peak_memory_gib"],
+        }
+        diffs = [abs(rd[subject]["loss"] - rd[baseline]["loss"]) / max(abs(rd[baseline]["loss"]), 1e-12)
+                 for rd in rounds.values() if len(rd) == k and rd[subject]["loss"] is not None]
+        max_loss_diff[label] = max(diffs, default=float("nan"))
+    complete = [rd for rd in rounds.values() if len(rd) == k]
+    return {
+        "case": name, "environment": env, "settings": settings, "iterations_run": len(records),
+        "stopped_early_by_budget": result["stopped_early"], "packs": result["packs"], "samples": result["samples"],
+        "per_variant": per_variant, "comparisons": comparisons,
+        "checks": {
+            "max_round_loss_rel_diff": max_loss_diff,
+            "same_supervised_tokens_in_every_round": all(len({r["supervised_tokens"] for r in rd.values()}) == 1
+                                                         for rd in complete),
+            "same_flops_in_every_round": all(len({r.get("flops") for r in rd.values()}) == 1 for rd in complete),
+            "supervised_share_of_slots": sum(r["supervised_tokens"] for r in records)
+            / max(1, sum(r["slots"] for r in records)),
+        },
+        "records": records,
+    }
+
+
+def case_markdown(summary: dict) -> str:
+    """One case as Markdown: a row per variant, a line per comparison."""
+    s, env = summary["settings"], summary["environment"]
+    lines = [
+        f"**{summary['case']}** ({DRY + '; ' if s['dry_run'] else ''}{s['shape_description']}): seq {s['seq_length']} "
+        f"(packed), {s['global_batch_size']} packs per iteration, bf16, {summary['iterations_run']} iterations in "
+        f"rounds of {len(s['variants'])} ({s['warmup']} untimed), {summary['packs']} packs of {summary['samples']} "
+        f"conversations{'; stopped early by --budget-s' if summary['stopped_early_by_budget'] else ''}.",
+        "",
+        "| variant | s/iteration | supervised tok/s | slot tok/s | TFLOP/s | MFU | peak GiB | fused head used |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary["per_variant"].items():
+        peak = f"{v['peak_memory_gib']:.2f}" if env["cuda"] else "n/a (CPU)"
+        lines.append(f"| {name} | {v['seconds_per_iteration_median']:.4f} | "
+                     f"{v['supervised_tokens_per_s_per_gpu']:,.0f} | {v['slot_tokens_per_s_per_gpu']:,.0f} | "
+                     f"{v['model_tflops_per_gpu']:.2f} | {v['mfu_vs_989']:.2%} | {peak} | "
+                     f"{v['fused_loss_head_used']} |")
+    lines.append("")
+    for label, c in summary["comparisons"].items():
+        ci = c["seconds_per_iteration 95% CI"]
+        time_ratio = c["seconds_per_iteration (median of rounds)"]
+        memory = (f"peak memory {c['peak_memory']:.3f}x ({c['peak_memory_saved_gib']:+.2f} GiB saved)"
+                  if c["peak_memory"] else "peak memory n/a")
+        lines.append(f"- {label}: seconds per iteration {time_ratio:.4f}x (median of {c['rounds']} rounds, 95% CI "
+                     f"{ci[0]:.4f}-{ci[1]:.4f}), supervised tokens/s {c['supervised_tokens_per_s']:.4f}x, {memory}; "
+                     f"max loss difference within a round "
+                     f"{summary['checks']['max_round_loss_rel_diff'][label]:.2e}.")
+    return "\n".join(lines)
+
+
+def _case(args, env: dict, device: str, out: Path, work: Path) -> dict:
+    """One case of the suite (``--case``): build or reuse the model and data under ``work``, train, report."""
+    from benchmarks import long_conversations
+    from bridge_sft.tiny import SAMPLE_DIALOGS
+
+    shape, seqs, packs, variants = CASES[args.case]
+    if env["transformer_engine"]:  # TE's attention: no local kernels to compare
+        variants = tuple(v for v in variants if VARIANTS[v]["attention"] == "sdpa")
+    gpu_sizes, dry_sizes, vocab, description = SHAPES[shape]
+    k = len(variants)
+    args.seq_length = args.seq_length or seqs[args.dry_run]
+    args.global_batch_size = args.global_batch_size or packs[args.dry_run]
+    args.iters = k * (args.rounds or (3 if args.dry_run else 7))
+    args.warmup = k * (args.warmup_rounds if args.warmup_rounds is not None else (1 if args.dry_run else 2))
+    hf_dir = work / f"hf-{shape}"
+    if not (hf_dir / "config.json").exists():
+        build_hf_model(hf_dir, dry_sizes if args.dry_run else gpu_sizes, device, vocab)
+    data = work / "long_conversations.jsonl"
+    if not data.exists():
+        long_conversations.build(SAMPLE_DIALOGS, data)
+    args.recompute = "none"  # the unfused variant recomputes core attention (apply_variant)
+    config = make_config(hf_dir, data, work / f"run-{args.case}", args, env)
+    log(f"case {args.case}: {description}, seq {args.seq_length}, variants {', '.join(variants)} ...")
+    t0 = time.perf_counter()
+    result = variant_run(config, list(variants), device, args.budget_s)
+    log(f"case {args.case}: training done in {time.perf_counter() - t0:.1f}s")
+    settings = {"dry_run": args.dry_run, "shape": shape, "shape_description": description, "vocab": vocab,
+                "parameters_b": hf_parameter_count(hf_dir) / 1e9, "seq_length": args.seq_length,
+                "global_batch_size": args.global_batch_size, "iters": args.iters, "warmup": args.warmup,
+                "variants": list(variants), "budget_s": args.budget_s}
+    summary = summarize_case(args.case, result, list(variants), args.warmup, settings, env)
+    (out / "case.json").write_text(json.dumps(summary, indent=1))
+    report = case_markdown(summary)
+    (out / "case.md").write_text(report + "\n")
+    print(report, flush=True)
+    return summary
+
+
+def run_suite(args) -> dict:
+    """``--suite``: every case of ``--cases`` (default: all) in its own process, one after another, within
+    ``--suite-budget-s`` (a case starts only with ``--case-reserve-s`` left, trains for at most
+    ``--case-budget-s``, and is stopped at the end of the budget); one report ``gpu_check_suite.md`` /
+    ``.json`` in ``--out``, each case's own in ``--out/CASE``."""
+    import subprocess
+    import tempfile
+
+    out = Path(args.out or os.environ.get("OUT") or REPO / "outputs" / "bench" / "gpu_check")
+    out.mkdir(parents=True, exist_ok=True)
+    passthrough = ["--dry-run"] if args.dry_run else []
+    for option in ("rounds", "warmup_rounds", "seq_length", "global_batch_size"):
+        if getattr(args, option) is not None:
+            passthrough += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    start, results = time.perf_counter(), {}
+    with tempfile.TemporaryDirectory(prefix="bridge_sft_gpu_suite_") as tmp:
+        work = Path(args.work_dir or tmp)
+        for name in args.cases or list(CASES):
+            left = args.suite_budget_s - (time.perf_counter() - start)
+            if left < args.case_reserve_s:
+                results[name] = {"case": name, "skipped": f"suite budget: {left:.0f}s left"}
+                log(f"case {name}: skipped ({results[name]['skipped']})")
+                continue
+            case_out = out / name
+            case_out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--out", str(case_out),
+                   "--work-dir", str(work), "--budget-s", str(min(args.case_budget_s, max(20.0, left - 60.0))),
+                   *passthrough]
+            log(f"case {name}: {' '.join(cmd[2:])}")
+            try:
+                proc = subprocess.run(cmd, cwd=REPO, timeout=left, check=False)
+                code = proc.returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            if code == 0:
+                results[name] = json.loads((case_out / "case.json").read_text())
+            else:
+                results[name] = {"case": name, "failed": f"exit {code}"}
+    summary = {"cases": results, "seconds": time.perf_counter() - start,
+               "environment": next((r["environment"] for r in results.values() if "environment" in r), None)}
+    (out / "gpu_check_suite.json").write_text(json.dumps(summary, indent=1))
+    report = suite_markdown(summary)
+    (out / "gpu_check_suite.md").write_text(report + "\n")
+    print(report, flush=True)
+    return summary
+
+
+def suite_markdown(summary: dict) -> str:
+    env = summary["environment"] or {}
+    lines = [f"GPU check suite: {env.get('device', '?')}, torch {env.get('torch', '?')}, megatron-core "
+             f"{env.get('megatron-core', '?')}, megatron-bridge {env.get('megatron-bridge', '?')}; "
+             f"{summary['seconds']:.0f}s for all cases.", f"Layers: {env.get('layers', '?')}.", ""]
+    for name, case in summary["cases"].items():
+        if "per_variant" in case:
+            lines += [case_markdown(case), ""]
+        else:
+            lines += [f"**{name}**: {case.get('skipped') or case.get('failed')}", ""]
+    return "\n".join(lines)
 
 
 def hf_parameter_count(hf_dir: Path) -> int:

@@ -80,16 +80,18 @@ def interleaved_forward_step():
 
 
 class PairedBatches:
-    """A map-style dataset whose iterations ``2m`` and ``2m + 1`` get the same global batch.
+    """A map-style dataset whose iterations ``2m`` and ``2m + 1`` get the same global batch
+    (``repeats`` consecutive iterations: ``benchmarks/gpu_check.py`` compares more than two steps).
 
-    Item ``j`` is ``base[(j // (2 * global_batch)) * global_batch + j % global_batch]``
+    Item ``j`` is ``base[(j // (repeats * global_batch)) * global_batch + j % global_batch]``
     (Bridge's sequential sampler hands iteration ``i`` items ``i*gbs .. (i+1)*gbs - 1``
     on one data-parallel rank).
     """
 
-    def __init__(self, base, global_batch: int):
+    def __init__(self, base, global_batch: int, repeats: int = 2):
         self.base = base
         self.global_batch = global_batch
+        self.repeats = repeats
         if hasattr(base, "collate_fn"):
             self.collate_fn = base.collate_fn
 
@@ -97,13 +99,13 @@ class PairedBatches:
         return len(self.base)
 
     def base_index(self, j: int) -> int:
-        return (j // (2 * self.global_batch)) * self.global_batch + j % self.global_batch
+        return (j // (self.repeats * self.global_batch)) * self.global_batch + j % self.global_batch
 
     def __getitem__(self, j: int):
         return self.base[self.base_index(j)]
 
 
-def paired_provider(provider, global_batch: int):
+def paired_provider(provider, global_batch: int, repeats: int = 2):
     """A copy of the ``SFTDatasetProvider`` ``provider`` whose training split is ``PairedBatches``."""
     from bridge_sft.data.provider import SFTDatasetProvider
 
@@ -111,7 +113,7 @@ def paired_provider(provider, global_batch: int):
     class PairedSFTDatasetProvider(SFTDatasetProvider):
         def build_datasets(self, context):
             train, valid, test = super().build_datasets(context)
-            self.__dict__["_paired_train"] = PairedBatches(train, global_batch)
+            self.__dict__["_paired_train"] = PairedBatches(train, global_batch, repeats)
             return self.__dict__["_paired_train"], valid, test
 
     values = {f.name: getattr(provider, f.name) for f in fields(provider) if f.init}
@@ -296,6 +298,7 @@ def _worker(spec_path: str) -> None:
         global_batch_size=spec["global_batch_size"], micro_batch_size=1, train_iters=spec["iters"],
         lr=0.0, min_lr=0.0, warmup_iters=0, eval_interval=None, eval_iters=0, save_interval=None, save_hf=False,
         validation_fraction=0.0, log_interval=spec["iters"],
+        fused_loss_head=False,  # both steps on megatron-core's loss path: this measures the step itself
     )
     config.checkpoint.save = None
     config.checkpoint.load = None

@@ -9,7 +9,10 @@ micro-batch. It
    HF ``-100`` labels);
 2. calls ``model(tokens, position_ids, attention_mask, labels=labels)``: with
    labels, megatron-core's GPTModel returns per-token losses ``[b, s]``
-   (fp32, vocab-parallel cross-entropy, no logits materialised by us);
+   (fp32, vocab-parallel cross-entropy, no logits materialised by us). With
+   ``fused_loss_head`` on (the recipes' default) the call also passes
+   GPTModel's ``output_processor`` hook: ``bridge_sft.loss_head`` computes the
+   same per-token losses in chunks of tokens, without holding the logits;
 3. returns them with Bridge's ``masked_next_token_loss``, which sums
    ``losses * loss_mask`` and returns ``(loss_sum, num_tokens, {"lm loss": ...})``
    so Megatron divides by the number of supervised tokens of the whole global
@@ -34,9 +37,9 @@ from megatron.bridge.training.utils.packed_seq_utils import get_packed_seq_param
 from megatron.bridge.training.utils.pg_utils import get_pg_collection
 from megatron.core.utils import get_model_config
 
+from bridge_sft import loss_head, moe
 from bridge_sft.batch import normalize_batch
 from bridge_sft.callbacks import count_tokens
-from bridge_sft import moe
 from bridge_sft.data.mixing import SOURCE_ID, add_source_losses
 
 
@@ -140,9 +143,13 @@ def forward_step(
     if routing is not None and routing.padding_mask is not None:
         router_inputs["padding_mask"] = routing.model_padding_mask(model, config, pg_collection)
     if return_schedule_plan:  # MoE expert-parallel communication overlap (bridge_sft.train rejects router losses)
+        loss_head.log_not_in_schedule_plan(model)
         plan = model.build_schedule_plan(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask,
                                          **router_inputs)
         return plan, loss_func
+    # The fused loss head through GPTModel's output_processor hook, unless it is off or cannot apply
+    # (then megatron-core's own output layer + cross-entropy; bridge_sft.loss_head logs why, once).
+    processor = loss_head.output_processor_for(model) if labels is not None else None
     output = model(
         input_ids=tokens,
         position_ids=position_ids,
@@ -150,6 +157,7 @@ def forward_step(
         labels=labels,
         packed_seq_params=packed_seq_params,
         **router_inputs,
+        **({"output_processor": processor} if processor is not None else {}),
     )
     if routing is not None:
         routing.weight_router_losses(output, config, pg_collection)

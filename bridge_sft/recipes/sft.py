@@ -9,7 +9,12 @@ with ``key=value`` overrides). What it always sets, and the reason:
   (``bridge_sft.train.use_per_token_loss``);
 - ``checkpoint.pretrained_checkpoint=hf_path``: Bridge loads the HF weights
   directly at start-up, no conversion step;
-- ``checkpoint.load == checkpoint.save``: re-running the same command resumes.
+- ``checkpoint.load == checkpoint.save``: re-running the same command resumes;
+- ``model.fused_loss_head`` (recipe argument ``fused_loss_head``, default on): the
+  forward step computes the output projection and cross-entropy in chunks of tokens
+  without holding the logits (``bridge_sft.loss_head``; same per-token losses as
+  megatron-core's path). It is an attribute the forward step reads from the model
+  config, not a field of Bridge's provider: set it with the recipe argument.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from megatron.bridge.training.config import (
 from megatron.bridge.data.base import DatasetProvider
 from megatron.core.distributed import DistributedDataParallelConfig
 
+from bridge_sft import loss_head
 from bridge_sft.models import megatron_provider
 from bridge_sft.train import use_per_token_loss
 
@@ -79,6 +85,7 @@ def sft(
     save_hf: bool = False,
     log_interval: int = 1,
     seed: int = 1234,
+    fused_loss_head: bool = loss_head.DEFAULT,
 ) -> ConfigContainer:
     """Full fine-tuning (or LoRA with ``peft="lora"``) of the HF model at ``hf_path``.
 
@@ -100,6 +107,8 @@ def sft(
     ``save_hf``: with every checkpoint also write the HF weights to
     ``checkpoints/iter_N/hf`` (Bridge's ``also_save_hf_checkpoint``; LoRA runs write
     an HF PEFT adapter there, ``bridge-sft convert export`` merges it).
+    ``fused_loss_head``: the memory-efficient loss head (``bridge_sft.loss_head``); ``False`` for
+    megatron-core's output layer + cross-entropy over the full logits.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -110,6 +119,7 @@ def sft(
 
     model = megatron_provider(hf_path)
     model.seq_length = seq_length
+    model.fused_loss_head = fused_loss_head  # read by bridge_sft.step (not a provider field: see above)
     model.tensor_model_parallel_size = tensor_parallel
     model.pipeline_model_parallel_size = pipeline_parallel
     model.context_parallel_size = context_parallel
