@@ -52,6 +52,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     hf_config = bridge.hf_pretrained.config
     _check_hf_config(getattr(hf_config, "_name_or_path", "") or str(hf_path), hf_config)
     provider = bridge.to_megatron_provider(load_weights=load_weights)
+    _gpt_oss_dtype_from_checkpoint(provider, hf_config)
     _follow_gemma3_layer_types(provider, hf_config)
     _packed_attention_for_gemma2(provider)
     return provider
@@ -66,6 +67,20 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
             f"< num_attention_heads={hf_config.num_attention_heads}) is not supported by Megatron-Bridge 0.6.2's "
             "OLMoE bridge (it assumes one key/value head per query head, as OLMoE-1B-7B has)."
         )
+
+
+def _gpt_oss_dtype_from_checkpoint(provider, hf_config) -> None:
+    """Bridge's GPT-OSS provider hard-codes bf16 parameters, whatever the checkpoint's dtype (the other
+    bridges read it with ``dtype_from_hf``): an fp32 checkpoint would be rounded to bf16 on import, and
+    its round trip would not be exact. Use the checkpoint's dtype (bf16 for the published models)."""
+    if getattr(hf_config, "model_type", "") != "gpt_oss":
+        return
+    dtype = getattr(hf_config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        return
+    provider.params_dtype = dtype
+    provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
 
 
 def _follow_gemma3_layer_types(provider, hf_config) -> None:
