@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -10,32 +9,10 @@ import sys
 
 import torch
 from launch import REPO, free_port, run_python
+from probes import hf_logits, probe_tokens, train_lora_probe
 from terminal import ALARMING
 
-from bridge_sft.tiny import SAMPLE_DIALOGS
-
 ITERATION_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.]+E[+-]\d+)")
-
-
-def probe_tokens(hf_dir, path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    chats = [[{"role": "user", "content": "Do you like books?"}, {"role": "assistant", "content": "I love them."}],
-             [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "Artificial brains."}]]
-    ids = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in chats]
-    n = min(map(len, ids))
-    tokens = [row[:n] for row in ids]
-    path.write_text(json.dumps(tokens))
-    return tokens
-
-
-def hf_logits(hf_dir, tokens) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens)).logits
 
 
 def greedy_reply(hf_dir, prompt: str, max_new_tokens: int) -> str:
@@ -105,16 +82,7 @@ def test_train_tiny_from_the_command_line_hf_in_hf_out(tiny_llama, tmp_path):
 
 
 def test_lora_trains_only_adapters_and_exports_merged(tiny_llama, tmp_path):
-    out = tmp_path / "lora"
-    out.mkdir()
-    tokens = probe_tokens(tiny_llama, tmp_path / "tokens.json")
-    # 24 dialogs, seen again every iteration: a loss a LoRA on a random base can visibly lower in 12 steps.
-    data = tmp_path / "few.jsonl"
-    data.write_text("".join(SAMPLE_DIALOGS.read_text(encoding="utf-8").splitlines(keepends=True)[:24]))
-    run_python("train_probe.py", out, tmp_path / "tokens.json", "tiny", f"hf_path={tiny_llama}", f"data={data}",
-               f"output_dir={out}", "peft=lora", "lora_dim=8", "lora_alpha=16", "train_iters=12", "log_interval=1",
-               "save_interval=12", "save_hf=false")
-    probe = json.loads((out / "probe.json").read_text())
+    probe, tokens, out = train_lora_probe(tiny_llama, tmp_path, train_iters=12)
     assert probe["trainable"] and all(".adapter." in name for name in probe["trainable"]), probe["trainable"]
     assert 0 < probe["trainable_params"] < 0.2 * probe["total_params"], probe
     assert probe["frozen_changed"] == []

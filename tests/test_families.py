@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 from launch import run_python
+from probes import hf_logits, probe_tokens
 
 from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS
 
@@ -32,29 +33,6 @@ def test_every_family_matches_hf_through_the_forward_step(tiny_models, tmp_path)
         assert r["packed_vs_hf"] <= 1e-5 and r["unpacked_vs_hf"] <= 1e-5, (name, r)
         assert r["packed_vs_unpacked"] <= 1e-5, (name, r)
         assert r["loss_scale"] > 1.0 and r["supervised"] > 0 and min(r["lengths"]) > 32, (name, r)
-
-
-def hf_logits(hf_dir, tokens) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens)).logits
-
-
-def probe_tokens(hf_dir, path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    chats = [[{"role": "user", "content": "Do you like books? Which ones, and why do you read them at night?"},
-              {"role": "assistant", "content": "I love them, mostly novels: a story helps me sleep."}],
-             [{"role": "user", "content": "What is AI? Explain it to me like I am five years old."},
-              {"role": "assistant", "content": "Artificial brains that learn from many examples."}]]
-    ids = [tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in chats]
-    n = min(map(len, ids))
-    tokens = [row[:n] for row in ids]
-    path.write_text(json.dumps(tokens))
-    return tokens
 
 
 @pytest.mark.slow

@@ -256,19 +256,10 @@ def test_bad_moe_settings_name_the_key_and_the_fix(micro_batch_of_4):
 def test_lora_adapts_the_experts_and_exports_merged(tiny_moe, tmp_path):
     """LoRA on attention and MLP of an MoE model adapts every expert's linear layers (Bridge's LoRA, as the
     OLMoE / gpt-oss PEFT recipes use it), never the router; the merged HF export reproduces the trained model."""
-    from test_end_to_end import bridge_sft, hf_logits, probe_tokens
+    from probes import hf_logits, train_lora_probe
+    from test_end_to_end import bridge_sft
 
-    from bridge_sft.tiny import SAMPLE_DIALOGS
-
-    out = tmp_path / "lora"
-    out.mkdir()
-    tokens = probe_tokens(tiny_moe, tmp_path / "tokens.json")
-    data = tmp_path / "few.jsonl"
-    data.write_text("".join(SAMPLE_DIALOGS.read_text(encoding="utf-8").splitlines(keepends=True)[:24]))
-    run_python("train_probe.py", out, tmp_path / "tokens.json", "tiny", f"hf_path={tiny_moe}", f"data={data}",
-               f"output_dir={out}", "peft=lora", "lora_dim=8", "lora_alpha=16", "train_iters=6", "log_interval=1",
-               "save_interval=6", "save_hf=false")
-    probe = json.loads((out / "probe.json").read_text())
+    probe, tokens, out = train_lora_probe(tiny_moe, tmp_path, train_iters=6)
     adapted = {name.split(".adapter.")[0] for name in probe["trainable"]}
     assert all(".adapter." in name for name in probe["trainable"])
     experts = {f"decoder.layers.{layer}.mlp.experts.{fc}" for layer in range(2)  # TE's grouped experts
