@@ -111,6 +111,14 @@ def _summary_loss_path(rows: list[dict]) -> list[dict]:
                          r["memory_ratio (baseline/internal)"], "baseline / ours (>1: ours needs less)"))
         out.append(_line("loss path", f"{what}: time", "labels-in", r["baseline"],
                          r["speedup (baseline/internal)"], "baseline / ours (>1: ours is faster)"))
+    for r in rows:
+        if r.get("benchmark") != "fused loss head":
+            continue
+        what = f"{r['level']} {r['dtype']} seq {r['seq']} vocab {r['vocab']:,}"
+        out.append(_line("fused loss head", f"{what}: peak memory", "fused head", "megatron-core's head",
+                         r["memory_ratio (fused/internal)"], "fused / megatron-core (<1: fused needs less)"))
+        out.append(_line("fused loss head", f"{what}: time", "fused head", "megatron-core's head",
+                         r["time_ratio (fused/internal)"], "fused / megatron-core (<1: fused is faster)"))
     return out
 
 
