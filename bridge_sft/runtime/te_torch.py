@@ -92,6 +92,24 @@ def _layer_norm(x, weight, bias, eps: float, zero_centered_gamma: bool) -> torch
     return y.to(x.dtype)
 
 
+def _normalize(x, normalization: str, weight, bias, eps: float, zero_centered_gamma: bool) -> torch.Tensor:
+    if normalization == "RMSNorm":
+        return _rms_norm(x, weight, eps, zero_centered_gamma)
+    return _layer_norm(x, weight, bias, eps, zero_centered_gamma)
+
+
+def _norm_parameters(shape, dtype, device, zero_centered_gamma: bool, has_bias: bool, sequence_parallel: bool):
+    """A norm's gamma (zeros when zero-centred: the scale is 1 + gamma) and optional beta, marked
+    ``sequence_parallel`` so that megatron all-reduces their gradients over the TP group."""
+    init = torch.zeros if zero_centered_gamma else torch.ones
+    weight = Parameter(init(shape, dtype=dtype, device=_device(device)))
+    bias = Parameter(torch.zeros(shape, dtype=dtype, device=_device(device))) if has_bias else None
+    for param in (weight, bias):
+        if param is not None:
+            param.sequence_parallel = sequence_parallel
+    return weight, bias
+
+
 class _Norm(torch.nn.Module):
     def __init__(self, normalized_shape, eps: float = 1e-5, sequence_parallel: bool = False,
                  params_dtype: torch.dtype | None = None, zero_centered_gamma: bool = False, device="cuda",
@@ -103,11 +121,8 @@ class _Norm(torch.nn.Module):
         self.eps = eps
         self.zero_centered_gamma = zero_centered_gamma
         self.sequence_parallel = sequence_parallel
-        init = torch.zeros if zero_centered_gamma else torch.ones
-        self.weight = Parameter(init(shape, dtype=dtype, device=_device(device)))
-        self.bias = Parameter(torch.zeros(shape, dtype=dtype, device=_device(device))) if has_bias else None
-        for param in self.parameters():
-            param.sequence_parallel = sequence_parallel  # grads all-reduced over TP by megatron
+        self.weight, self.bias = _norm_parameters(shape, dtype, device, zero_centered_gamma, has_bias,
+                                                  sequence_parallel)
 
     def reset_parameters(self, defer_init: bool = False) -> None:
         with torch.no_grad():
@@ -224,21 +239,12 @@ class LayerNormLinear(Linear):
         self.eps = eps
         self.zero_centered_gamma = zero_centered_gamma
         self.return_layernorm_output = return_layernorm_output
-        init = torch.zeros if zero_centered_gamma else torch.ones
-        self.layer_norm_weight = Parameter(init(in_features, dtype=dtype, device=_device(device)))
-        self.layer_norm_weight.sequence_parallel = sequence_parallel
-        if normalization == "LayerNorm":
-            self.layer_norm_bias = Parameter(torch.zeros(in_features, dtype=dtype, device=_device(device)))
-            self.layer_norm_bias.sequence_parallel = sequence_parallel
-        else:
-            self.layer_norm_bias = None
+        self.layer_norm_weight, self.layer_norm_bias = _norm_parameters(
+            in_features, dtype, device, zero_centered_gamma, normalization == "LayerNorm", sequence_parallel)
 
     def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None, **unused: Any):
-        if self.normalization == "RMSNorm":
-            normed = _rms_norm(inp, self.layer_norm_weight, self.eps, self.zero_centered_gamma)
-        else:
-            normed = _layer_norm(inp, self.layer_norm_weight, self.layer_norm_bias, self.eps,
-                                 self.zero_centered_gamma)
+        normed = _normalize(inp, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps,
+                            self.zero_centered_gamma)
         out = self._linear(self._input(normed))
         if self.return_layernorm_output:
             return (*out, normed) if isinstance(out, tuple) else (out, normed)
