@@ -96,7 +96,7 @@ HARMLESS: tuple[tuple[str, str], ...] = (
     (r"\[(\d+:)?\d\d:\d\d(<(\d+:)?\d\d:\d\d|<\?)?, +[\d.?]+ ?\w*/s\]\s*$",
      "the final state of a tqdm progress bar (encoding data, writing model shards): progress, not a warning"),
 )
-_HARMLESS = [re.compile(pattern, re.M) for pattern, _ in HARMLESS]
+_HARMLESS = re.compile("|".join(f"(?:{pattern})" for pattern, _ in HARMLESS), re.M)  # one search a line
 
 # A raw stdout line that calls itself a warning or an error (stdout is otherwise Bridge's chatter;
 # stderr lines need no such mark).
@@ -122,7 +122,7 @@ PLAIN_LINE_SECONDS = 60
 
 def is_harmless(text: str) -> bool:
     """True if ``text`` matches a ``HARMLESS`` pattern."""
-    return any(pattern.search(text) for pattern in _HARMLESS)
+    return _HARMLESS.search(text) is not None
 
 
 def log_dir(config) -> Path:

@@ -42,8 +42,6 @@ def _backend() -> str:
     return "gloo" if runtime.is_enabled() or not torch.cuda.is_available() else "nccl"
 
 
-
-
 def import_hf(hf_dir: str | Path, megatron_dir: str | Path) -> Path:
     """Convert the HF checkpoint at ``hf_dir`` into a Megatron checkpoint in ``megatron_dir``."""
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir))

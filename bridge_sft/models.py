@@ -58,7 +58,19 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     return provider
 
 
+def multimodal_gemma3_message(hf_path: str, architectures) -> str | None:
+    """The one-line error for a multimodal Gemma 3 checkpoint (Bridge would build its vision-language
+    model), None for any other; local directories get it from ``check_hf_checkpoint``, hub ids here."""
+    if "Gemma3ForConditionalGeneration" not in (architectures or ()):
+        return None
+    return (f"hf_path={hf_path} is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); bridge-sft "
+            f"trains its language model: run `bridge-sft convert text-only {hf_path} DIR` and use hf_path=DIR.")
+
+
 def _check_hf_config(hf_path: str, hf_config) -> None:
+    message = multimodal_gemma3_message(hf_path, getattr(hf_config, "architectures", None))
+    if message:
+        raise UnsupportedModelError(message)
     model_type = getattr(hf_config, "model_type", "")
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.

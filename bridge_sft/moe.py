@@ -54,6 +54,7 @@ import torch
 from megatron.bridge.training.callbacks import Callback
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.utils import unwrap_model
 
 
 PADDING_MASK_KEY = "padding_mask"  # dataset key: bool [b, s], True at padding slots (megatron's convention)
@@ -152,7 +153,7 @@ class MicroBatchRouting:
         if self.padding_mask is None:
             return None
         mask = _cp_slice(self.padding_mask, self.batch, pg_collection)
-        if model_config.sequence_parallel and not _unwrap(model).pre_process:
+        if model_config.sequence_parallel and not unwrap_model(model).pre_process:
             mask = _sp_slice(mask, pg_collection.tp)
         return mask.to(device=torch.cuda.current_device(), non_blocking=True)
 
@@ -193,12 +194,6 @@ def _loss_scale(model_config, device) -> torch.Tensor:
     if getattr(model_config, "grad_scale_func", None) is not None:
         return torch.as_tensor(model_config.grad_scale_func(torch.ones(1, device=device)), device=device).reshape(1)
     return torch.ones(1, device=device)
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _cp_slice(mask: torch.Tensor, batch: dict, pg_collection) -> torch.Tensor:
@@ -355,7 +350,7 @@ class RouterHealth(Callback):
         from megatron.core.transformer.moe.router import TopKRouter
 
         config = context.state.cfg.model
-        routers = [m for chunk in context.model for m in _unwrap(chunk).modules() if isinstance(m, TopKRouter)]
+        routers = [m for chunk in context.model for m in unwrap_model(chunk).modules() if isinstance(m, TopKRouter)]
         layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self._counts = torch.zeros(layers, config.num_moe_experts, dtype=torch.float64, device=device)

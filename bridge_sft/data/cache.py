@@ -278,6 +278,7 @@ def _encode_chunk(
 
     fix_skip = "fix the record, or set on_bad_record='skip' to skip and count bad records"
     convs: list[tuple[int, Conversation]] = []
+    default_tools = None  # options.tools, read once, at the first record without tools of its own
     for index, raw in chunk.items:
         result.records += 1
         where = location(chunk.source, index)
@@ -286,7 +287,9 @@ def _encode_chunk(
             conv = to_conversation(record, chunk.fmt, options.columns, require_assistant=options.train_on != "all",
                                    system_prompt=options.system_prompt)
             if conv.tools is None and options.tools:
-                conv.tools = load_tools(options.tools)
+                if default_tools is None:
+                    default_tools = load_tools(options.tools)
+                conv.tools = default_tools
             convs.append((index, conv))
         except RecordError as exc:
             if bad(exc.reason, where, exc.detail, fix_skip):

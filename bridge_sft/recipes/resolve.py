@@ -97,12 +97,11 @@ def check_hf_checkpoint(hf_path: str) -> None:
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     from megatron.bridge import AutoBridge
 
+    from bridge_sft.models import multimodal_gemma3_message
+
     supported = AutoBridge.list_supported_models()
-    if "Gemma3ForConditionalGeneration" in architectures:
-        raise ConfigError(
-            f"hf_path={hf_path} is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); bridge-sft "
-            f"trains its language model: run `bridge-sft convert text-only {hf_path} DIR` and use hf_path=DIR."
-        )
+    if message := multimodal_gemma3_message(hf_path, architectures):
+        raise ConfigError(message)
     if not any(arch in supported for arch in architectures):
         causal_lms = ", ".join(a for a in supported if a.endswith("ForCausalLM"))
         raise ConfigError(
