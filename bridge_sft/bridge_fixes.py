@@ -16,6 +16,7 @@ def apply() -> None:
     _skip_compile_helpers_when_prebuilt()
     _post_layernorm_epsilon()
     _expert_bias_with_padding_mask()
+    _mla_query_projection_without_norm()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -78,3 +79,32 @@ def _expert_bias_with_padding_mask() -> None:
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     TopKRouter._apply_expert_bias = _apply_expert_bias
+
+
+def _mla_query_projection_without_norm() -> None:
+    """megatron-core 0.19.2's ``QKNormConfigResolver`` (MLA with ``qk_layernorm``) builds the query
+    projection of a model WITHOUT query compression (``q_lora_rank`` None: DeepSeek-V2-Lite,
+    Moonlight-16B-A3B) as a fused RMSNorm + linear, although such a model has no query norm (HF:
+    ``q_proj(hidden_states)``; megatron-core <= 0.15 built the spec's plain linear). Bridge sets
+    ``qk_layernorm`` for every DeepSeek model (for the key/value and compressed-query norms) and
+    has no weight for that extra norm, so loading the checkpoint stops with ``AttributeError:
+    'NoneType' object has no attribute 'megatron_module'``. Same on a TE GPU host (the resolver picks
+    TE's fused layer). Build the spec's own ``linear_q_proj`` unless the spec asks for a fused one."""
+    import inspect
+
+    from megatron.core.transformer.mla_qk_norm_config import QKNormConfigResolver
+
+    resolve = QKNormConfigResolver._resolve_mla_qk_layernorm
+    if getattr(resolve, "_bridge_sft_fixed", False):
+        return
+    if "linear_q_proj_cls = self._mla_fused_linear_or_default(" not in inspect.getsource(resolve):
+        return  # fixed upstream
+
+    def _resolve_mla_qk_layernorm(self):
+        resolved = resolve(self)
+        if not self.has_q_lora and not self._is_fused_norm_linear(self.submodules.linear_q_proj):
+            resolved["linear_q_proj"] = self.submodules.linear_q_proj or self.linear_impl
+        return resolved
+
+    _resolve_mla_qk_layernorm._bridge_sft_fixed = True
+    QKNormConfigResolver._resolve_mla_qk_layernorm = _resolve_mla_qk_layernorm

@@ -55,6 +55,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _gpt_oss_dtype_from_checkpoint(provider, hf_config)
     _follow_gemma3_layer_types(provider, hf_config)
     _packed_attention_for_gemma2(provider)
+    _mla_latent_norm_eps(provider)
     return provider
 
 
@@ -72,6 +73,15 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
     if message:
         raise UnsupportedModelError(message)
     model_type = getattr(hf_config, "model_type", "")
+    groups, group_topk = getattr(hf_config, "n_group", None) or 1, getattr(hf_config, "topk_group", None) or 1
+    topk = getattr(hf_config, "num_experts_per_tok", None)
+    if groups > 1 and topk and topk // group_topk != 2:
+        # HF scores a routing group by its 2 best experts; megatron-core by its top_k // topk_group best ones.
+        raise UnsupportedModelError(
+            f"{hf_path}: group-limited routing with num_experts_per_tok={topk} and topk_group={group_topk} "
+            "scores each group by its top num_experts_per_tok // topk_group experts in Megatron but by its top 2 in "
+            "HF; Megatron-Bridge 0.6.2 would train a different router (published DeepSeek-V3 has 8 // 4 = 2)."
+        )
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
         raise UnsupportedModelError(
@@ -117,6 +127,44 @@ def _follow_gemma3_layer_types(provider, hf_config) -> None:
         logger.info("Gemma 3: %d sliding-window layer(s) per global layer, as the checkpoint's layer_types say",
                     pattern[0])
         provider.interleaved_attn_pattern = pattern
+
+
+# transformers 5.12's MLA attentions (deepseek_v2, deepseek_v3, deepseek_v32, glm4_moe_lite, glm_moe_dsa,
+# longcat_flash, mistral4, youtu) build the compressed query and key/value norms (q_a_layernorm,
+# kv_a_layernorm) with their RMSNorm's default epsilon, not the config's rms_norm_eps.
+MLA_LATENT_NORM_EPS = 1e-6
+
+
+def _mla_latent_norm_eps(provider) -> None:
+    """Megatron's MLA normalises the compressed query and key/value with the model's
+    ``layernorm_epsilon`` (HF ``rms_norm_eps``), while HF (and DeepSeek's reference code) uses 1e-6
+    there whatever ``rms_norm_eps`` says: a model with ``rms_norm_eps`` 1e-5 (Moonlight-16B-A3B) gives
+    per-token losses ~5e-3 away from HF's. Bridge 0.6.2 does not carry the difference, on any host (a TE
+    GPU's fused norm + linear reads the same epsilon). Set those norms' epsilon after the model is built."""
+    if not getattr(provider, "multi_latent_attention", False) or provider.layernorm_epsilon == MLA_LATENT_NORM_EPS:
+        return
+    provider.register_pre_wrap_hook(_set_mla_latent_norm_eps)
+
+
+def _set_mla_latent_norm_eps(model):
+    """Pre-wrap hook: epsilon ``MLA_LATENT_NORM_EPS`` on every MLA latent norm, standalone
+    (``q_layernorm``/``kv_layernorm``) or fused into the up-projection (``linear_*_up_proj``)."""
+    from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
+
+    attentions = changed = 0
+    for chunk in model:
+        for module in chunk.modules():
+            if not isinstance(module, MultiLatentAttention):
+                continue
+            attentions += 1
+            for name in ("q_layernorm", "kv_layernorm", "linear_q_up_proj", "linear_kv_up_proj"):
+                norm = getattr(module, name, None)
+                if isinstance(getattr(norm, "eps", None), float):
+                    norm.eps = MLA_LATENT_NORM_EPS
+                    changed += 1
+    if attentions and not changed:  # a norm implementation that keeps its epsilon elsewhere
+        logger.warning("MLA latent norms keep the model's layernorm_epsilon: HF uses %g there", MLA_LATENT_NORM_EPS)
+    return model
 
 
 def _packed_attention_for_gemma2(provider) -> None:

@@ -13,6 +13,11 @@ sliding-window layers (window ``SLIDING_WINDOW`` tokens, so sequences longer tha
 it exercise the window), Gemma's soft-capping and zero-centred norms, gpt-oss's
 attention sinks and biases, DeepSeek/GLM multi-latent attention or shared experts
 with a first dense layer, and 4 routed experts (top 2) for every MoE family.
+
+``build_published_tiny_model(out_dir, name)`` builds instead the tiny stand-in of a flagship's
+published config (``bridge_sft.published_configs``: Llama 3.2 1B, Gemma 3 1B and 4B, DeepSeek-V3,
+Moonlight...): only the sizes shrunk, every other field (RoPE bases and scaling, head_dim, windows,
+soft-caps, routing) as published.
 """
 
 from __future__ import annotations
@@ -355,3 +360,46 @@ def _randomise_constant_inits(model, seed: int) -> None:
             flat = param.detach().reshape(-1)
             if flat.numel() and bool((flat == flat[0]).all()):
                 param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def published_tiny_config(name: str, tokenizer):
+    """The transformers config of the tiny stand-in of a published flagship config (a key of
+    ``bridge_sft.published_configs.PUBLISHED``): the flagship's own fields with only its sizes shrunk
+    (``published_configs.tiny_fields``), vocabulary and special tokens from ``tokenizer``, fp32."""
+    import transformers
+
+    from bridge_sft.published_configs import tiny_fields
+
+    family, fields = tiny_fields(name)
+    return getattr(transformers, TINY_ARCHS[family][0])(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **fields,
+    )
+
+
+def build_published_tiny_model(out_dir: str | Path, name: str, seed: int = 0, vocab_size: int = 512) -> Path:
+    """Write the tiny stand-in of a published flagship config (a key of
+    ``bridge_sft.published_configs.PUBLISHED``, e.g. ``"gemma-3-1b"``, ``"moonlight-16b-a3b"``) to
+    ``out_dir`` as ``build_tiny_model`` does: ``published_tiny_config``, random fp32 weights (constant
+    initialisations randomised) and a tokenizer of the family's style."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bridge_sft.published_configs import PUBLISHED
+
+    if name not in PUBLISHED:
+        raise ValueError(f"name must be one of {sorted(PUBLISHED)}, not {name!r}")
+    tokenizer = build_tiny_tokenizer(TINY_ARCHS[PUBLISHED[name][0]][1], vocab_size)
+    config = published_tiny_config(name, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_constant_inits(model, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,11 +1,13 @@
 """Driver: per-token losses of every tiny model family through bridge_sft's forward step vs the HF model.
 
-Usage: ``family_parity.py OUT.json HF_DIR [HF_DIR ...]`` (one process; model after model).
+Usage: ``family_parity.py OUT.json [--long MIN_TOKENS] HF_DIR [HF_DIR ...]`` (one process; model after model).
 
 For each HF directory: three multi-turn dialogs of the bundled sample, longer than the tiny
 sliding window, encoded with the family's chat template (``encode_conversation``: input ids and
-assistant mask); the Megatron model built from the HF weights by ``bridge_sft.models`` on the CPU
-runtime (fp32); and
+assistant mask) -- with ``--long``, one short dialog then one long conversation of MIN_TOKENS to
+MIN_TOKENS + 150 tokens (the sample's multi-turn dialogs one after another) instead, so that positions
+reach past MIN_TOKENS and published windows are crossed; the Megatron model built from the HF weights by
+``bridge_sft.models`` on the CPU runtime (fp32); and
 
 - ``packed``: one THD pack of the three samples (plus trailing padding) as ``PackedSFTDataset``
   emits it, through ``bridge_sft.step.forward_step`` (Bridge's ``get_batch``, the model called
@@ -73,6 +75,28 @@ def dialogs(tokenizer, count=3):
     raise RuntimeError("not enough long multi-turn dialogs in the sample")
 
 
+def long_conversations(tokenizer, min_tokens, count=1, slack=150):
+    """The first short multi-turn dialog, then ``count`` conversations of ``min_tokens`` to
+    ``min_tokens + slack`` tokens, each the sample's multi-turn dialogs (user first, assistant last) one
+    after another (so a long conversation starts mid-pack: its positions restart there)."""
+    encoded, messages = [], []
+    with open(SAMPLE_DIALOGS, encoding="utf-8") as f:
+        for line in f:
+            dialog = json.loads(line)["messages"]
+            if len(dialog) < 4:
+                continue
+            enc = encode_conversation(messages + dialog, tokenizer)
+            if len(enc.input_ids) > min_tokens + slack:
+                continue  # the next dialog may fit
+            messages = messages + dialog
+            if len(enc.input_ids) >= min_tokens:
+                encoded.append(enc)
+                messages = []
+            if len(encoded) == count:
+                return dialogs(tokenizer, count=1) + encoded
+    raise RuntimeError("not enough multi-turn dialogs in the sample")
+
+
 def hf_token_losses(hf_dir, samples):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     losses = []
@@ -89,10 +113,10 @@ def step_losses(state, model, item, collate):
     return output.detach().float().reshape(-1)
 
 
-def family(hf_dir):
+def family(hf_dir, min_tokens=None):
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    samples = Samples(dialogs(tokenizer))
+    samples = Samples(long_conversations(tokenizer, min_tokens) if min_tokens else dialogs(tokenizer))
     seq_length = int(samples.lengths.sum() - len(samples.lengths)) + 5  # the pack, plus 5 slots of padding
     n = len(samples.lengths)
     pack = PackedSFTDataset(samples, np.arange(n), PackPlan(np.array([0, n]), np.arange(n), seq_length),
@@ -128,13 +152,13 @@ def family(hf_dir):
     return result
 
 
-def main(out, hf_dirs):
+def main(out, hf_dirs, min_tokens=None):
     results = {}
     with temporary_distributed_context(backend="gloo"):
         for hf_dir in hf_dirs:
             name = Path(hf_dir).name
             try:
-                results[name] = family(hf_dir)
+                results[name] = family(hf_dir, min_tokens)
             except Exception as exc:  # recorded per family so one failure does not hide the others
                 traceback.print_exc()
                 results[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -143,4 +167,6 @@ def main(out, hf_dirs):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[2:]
+    long = args[:1] == ["--long"]
+    main(sys.argv[1], args[2:] if long else args, int(args[1]) if long else None)

@@ -1,0 +1,246 @@
+"""The published HF ``config.json`` fields of each family's flagship, written here from the public
+model cards (nothing is downloaded), and the sizes their tiny stand-ins shrink to.
+
+``PUBLISHED[name]`` is ``(family, fields)``: ``family`` a key of ``bridge_sft.tiny.TINY_ARCHS`` (config
+class and tokenizer style) and ``fields`` the architecture fields of the flagship's ``config.json``
+as published (legacy ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq`` keys, which
+transformers 5 turns into ``rope_parameters``). Left out everywhere: token ids, dtype, quantisation
+and other fields that do not shape the network; the tiny builder sets token ids and the vocabulary
+from its own tokenizer.
+
+``TINY_SIZES[name]`` overrides only fields of ``SIZE_FIELDS`` (layers, widths, head counts and
+dimensions, experts, MLA ranks, windows), keeping the flagship's ratios where the sizes allow: every
+other published field (RoPE bases per layer type, RoPE scaling, ``query_pre_attn_scalar``, window
+pattern, partial rotary, soft-caps, routing, shared experts, dense first layers, tied embeddings,
+norm epsilons, biases) reaches the tiny model unchanged. Windows are shrunk (halved until <= 512)
+only where ~1,100-token sequences would not cross them twice.
+"""
+
+from __future__ import annotations
+
+SIZE_FIELDS = frozenset({
+    "num_hidden_layers", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "num_experts", "num_local_experts", "n_routed_experts",
+    "num_experts_per_tok", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "sliding_window", "layer_types", "max_window_layers",
+})
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+def _layer_types(pattern: int, layers: int) -> list[str]:
+    """``pattern - 1`` sliding-window layers, then one full-attention layer, repeated."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+
+
+PUBLISHED = {
+    # meta-llama/Llama-3.2-1B-Instruct config.json
+    "llama-3.2-1b": ("llama", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=True)),
+    # meta-llama/Llama-3.1-8B-Instruct config.json
+    "llama-3.1-8b": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=False)),
+    # Qwen/Qwen2.5-7B-Instruct config.json (q/k/v biases are built into Qwen2)
+    "qwen2.5-7b": ("qwen2", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, use_sliding_window=False, tie_word_embeddings=False)),
+    # Qwen/Qwen3-8B config.json
+    "qwen3-8b": ("qwen3", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, attention_bias=False, use_sliding_window=False, tie_word_embeddings=False)),
+    # mistralai/Mistral-7B-Instruct-v0.3 config.json
+    "mistral-7b-v0.3": ("mistral", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False)),
+    # google/gemma-2-9b config.json
+    "gemma-2-9b": ("gemma2", dict(
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096,
+        layer_types=_layer_types(2, 42), attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        attention_bias=False, tie_word_embeddings=True)),
+    # google/gemma-3-1b-it config.json (sliding_window_pattern 6)
+    "gemma-3-1b": ("gemma3", dict(
+        hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling=None, sliding_window=512, layer_types=_layer_types(6, 26), attn_logit_softcapping=None,
+        final_logit_softcapping=None, attention_bias=False, tie_word_embeddings=True)),
+    # google/gemma-3-4b-it config.json, text_config (global layers: linear RoPE scaling x8)
+    "gemma-3-4b": ("gemma3", dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=1024, layer_types=_layer_types(6, 34),
+        attn_logit_softcapping=None, final_logit_softcapping=None, attention_bias=False,
+        tie_word_embeddings=True)),
+    # nvidia/Minitron-8B-Base config.json (Nemotron-4 pruned: head_dim 128 with hidden 4096 and 48 heads)
+    "minitron-8b": ("nemotron", dict(
+        hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, num_attention_heads=48,
+        num_key_value_heads=8, head_dim=128, hidden_act="relu2", max_position_embeddings=4096, norm_eps=1e-5,
+        rope_theta=10000.0, partial_rotary_factor=0.5, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=False)),
+    # Qwen/Qwen3-30B-A3B config.json
+    "qwen3-30b-a3b": ("qwen3_moe", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, hidden_act="silu",
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        router_aux_loss_coef=0.001, attention_bias=False, use_sliding_window=False, tie_word_embeddings=False)),
+    # openai/gpt-oss-20b config.json (the mxfp4 quantization_config left out: weights here are not quantised)
+    "gpt-oss-20b": ("gpt_oss", dict(
+        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=150000.0, rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "truncate": False, "original_max_position_embeddings": 4096},
+        sliding_window=128, layer_types=_layer_types(2, 24), num_local_experts=32, num_experts_per_tok=4,
+        router_aux_loss_coef=0.9, swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False)),
+    # allenai/OLMoE-1B-7B-0924 config.json
+    "olmoe-1b-7b": ("olmoe", dict(
+        hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, clip_qkv=None,
+        router_aux_loss_coef=0.01, attention_bias=False, tie_word_embeddings=False)),
+    # deepseek-ai/DeepSeek-V3 config.json (fp8 quantization_config and the MTP layer left out)
+    "deepseek-v3": ("deepseek_v3", dict(
+        hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, hidden_act="silu", max_position_embeddings=163840, rms_norm_eps=1e-6,
+        rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                                          "mscale": 1.0, "mscale_all_dim": 1.0,
+                                          "original_max_position_embeddings": 4096},
+        n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3, n_group=8,
+        topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
+        moe_layer_freq=1, aux_loss_alpha=0.001, seq_aux=True, attention_bias=False, tie_word_embeddings=False)),
+    # moonshotai/Moonlight-16B-A3B config.json (DeepSeek-V3 architecture without query compression)
+    "moonlight-16b-a3b": ("deepseek_v3", dict(
+        hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=50000.0, rope_scaling=None, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+        first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.446, norm_topk_prob=True,
+        topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, aux_loss_alpha=0.001, seq_aux=True,
+        num_nextn_predict_layers=0, attention_bias=False, tie_word_embeddings=False)),
+    # zai-org/GLM-4.5-Air config.json (the MTP layer, num_nextn_predict_layers 1, left out as for DeepSeek-V3)
+    "glm-4.5-air": ("glm4_moe", dict(
+        hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=46,
+        num_attention_heads=96, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1000000.0, partial_rotary_factor=0.5,
+        n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+        topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False, attention_bias=True,
+        tie_word_embeddings=False)),
+}
+
+# Tiny sizes: hidden / (heads * head_dim), intermediate / hidden and query heads per key/value head kept
+# where small numbers allow; enough layers for the dense first layers and one full window pattern.
+TINY_SIZES = {
+    "llama-3.2-1b": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=16),
+    "llama-3.1-8b": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=448, num_attention_heads=8,
+                         num_key_value_heads=2),
+    "qwen2.5-7b": dict(num_hidden_layers=2, hidden_size=224, intermediate_size=1184, num_attention_heads=14,
+                       num_key_value_heads=2),
+    "qwen3-8b": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=384, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=16),
+    "mistral-7b-v0.3": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=448, num_attention_heads=8,
+                            num_key_value_heads=2),
+    "gemma-2-9b": dict(num_hidden_layers=2, hidden_size=224, intermediate_size=896, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, sliding_window=512, layer_types=_layer_types(2, 2)),
+    "gemma-3-1b": dict(num_hidden_layers=6, hidden_size=288, intermediate_size=1728, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=64, layer_types=_layer_types(6, 6)),
+    "gemma-3-4b": dict(num_hidden_layers=6, hidden_size=320, intermediate_size=1280, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, sliding_window=512, layer_types=_layer_types(6, 6)),
+    "minitron-8b": dict(num_hidden_layers=2, hidden_size=256, intermediate_size=1024, num_attention_heads=12,
+                        num_key_value_heads=2, head_dim=32),
+    "qwen3-30b-a3b": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=384, moe_intermediate_size=48,
+                          num_attention_heads=16, num_key_value_heads=2, head_dim=16, num_experts=16,
+                          num_experts_per_tok=4),
+    "gpt-oss-20b": dict(num_hidden_layers=2, hidden_size=176, intermediate_size=176, num_attention_heads=16,
+                        num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=2,
+                        layer_types=_layer_types(2, 2)),
+    "olmoe-1b-7b": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=4, num_experts=16, num_experts_per_tok=2),
+    "deepseek-v3": dict(num_hidden_layers=4, hidden_size=224, intermediate_size=576, moe_intermediate_size=64,
+                        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=16,
+                        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32,
+                        num_experts_per_tok=8),
+    "moonlight-16b-a3b": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=704, moe_intermediate_size=88,
+                              num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=32,
+                              qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=3),
+    "glm-4.5-air": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=344, moe_intermediate_size=48,
+                        num_attention_heads=12, num_key_value_heads=1, head_dim=32, n_routed_experts=16,
+                        num_experts_per_tok=2),
+}
+
+
+def tiny_fields(name: str) -> tuple[str, dict]:
+    """``(family, fields)`` of the tiny stand-in of flagship ``name``: the published fields with the
+    sizes of ``TINY_SIZES[name]`` (vocabulary and token ids excepted: the builder's tokenizer sets them)."""
+    if name not in PUBLISHED:
+        raise ValueError(f"published config must be one of {sorted(PUBLISHED)}, not {name!r}")
+    family, fields = PUBLISHED[name]
+    sizes = TINY_SIZES[name]
+    unknown = set(sizes) - SIZE_FIELDS
+    if unknown:
+        raise ValueError(f"TINY_SIZES[{name!r}] overrides fields that are not sizes: {sorted(unknown)}")
+    return family, {**fields, **sizes}
+
+
+def lost_fields(name: str, config) -> list[str]:
+    """The published fields of flagship ``name`` that the transformers ``config`` of its tiny stand-in
+    does not carry (empty when it keeps them all): every non-size field (RoPE ones through
+    ``rope_parameters``, per layer type for Gemma 3), the window pattern, a window no larger than
+    published (and equal when 512 or less), ``head_dim`` != hidden/heads where published (outside MLA), query heads per
+    key/value head, dense first layers followed by MoE layers, and experts per token per routing group."""
+    _, fields = PUBLISHED[name]
+    rope = dict(config.rope_parameters or {})
+    full = rope.get("full_attention", rope)
+    lost = []
+    for key, value in fields.items():
+        if key in SIZE_FIELDS:
+            continue
+        if key == "rope_theta":
+            kept = full.get("rope_theta") == value
+        elif key == "rope_local_base_freq":
+            kept = rope.get("sliding_attention", {}).get("rope_theta") == value
+        elif key == "rope_scaling":
+            kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+            kept = full.get("rope_type", "default") == kind and all(
+                full.get(k) == v for k, v in (value or {}).items() if k not in ("type", "rope_type"))
+        elif key == "partial_rotary_factor":
+            kept = full.get(key, getattr(config, key, None)) == value
+        else:
+            kept = getattr(config, key, KeyError) == value
+        if not kept:
+            lost.append(key)
+    layers = config.num_hidden_layers
+    if "layer_types" in fields and list(config.layer_types) != fields["layer_types"][:layers]:
+        lost.append("layer_types pattern")
+    window = fields.get("sliding_window")
+    if window and not (config.sliding_window == window if window <= 512 else 0 < config.sliding_window <= window):
+        lost.append("sliding_window")
+    heads, kv_heads = fields["num_attention_heads"], fields["num_key_value_heads"]
+    head_dim = fields.get("head_dim") or fields["hidden_size"] // heads
+    tiny_head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    mla = "kv_lora_rank" in fields  # head sizes are qk_nope/qk_rope/v_head_dim there
+    if not mla and (head_dim * heads != fields["hidden_size"]) != (
+            tiny_head_dim * config.num_attention_heads != config.hidden_size):
+        lost.append("head_dim != hidden_size / num_attention_heads")
+    if heads // kv_heads != config.num_attention_heads // config.num_key_value_heads:
+        lost.append("query heads per key/value head")
+    if "first_k_dense_replace" in fields and layers <= fields["first_k_dense_replace"]:
+        lost.append("MoE layers after the dense first layers")
+    if fields.get("n_group", 1) > 1 and (config.num_experts_per_tok // config.topk_group
+                                         != fields["num_experts_per_tok"] // fields["topk_group"]):
+        lost.append("experts per token per routing group")
+    return lost
