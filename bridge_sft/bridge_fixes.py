@@ -1,8 +1,12 @@
 """Fixes for Megatron-Bridge 0.6.2 / megatron-core 0.19.2 bugs that hit every host, GPU or CPU.
 
-Applied by our entry points (``bridge_sft.train.run``, ``bridge_sft.models.megatron_provider``,
-``bridge_sft.conversion``) before a model is built; each fix is idempotent and only acts when
-the bug is present.
+Applied right after ``megatron.bridge`` is first imported in a process that imported
+``bridge_sft`` (the runtime's import gate, on every kind of host), so a model built through
+Bridge's own API (``AutoBridge.to_megatron_provider``, ``load_megatron_model``, ``export_ckpt``)
+is the one our entry points build; those entry points (``bridge_sft.train.run``,
+``bridge_sft.models.megatron_provider``) apply them again for processes that imported megatron
+first. Each fix is idempotent and only acts when the bug is present. (Gemma 3 270M's real
+weights showed why: with the post-norm epsilon wrong, its logits were 13 away from HF's.)
 """
 
 from __future__ import annotations

@@ -268,6 +268,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "cp_without_te": ["train", "tiny", *ok, "context_parallel=2"],
         "multimodal": ["train", "tiny", f"hf_path={gemma3_mm}", f"output_dir={out}"],
         "convert_missing": ["convert", "import", str(tmp_path / "nope"), str(tmp_path / "converted")],
+        "lr_below_min_lr": ["train", "tiny", *ok, "lr=1e-5"],  # tiny's min_lr is 2e-4
     }
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
@@ -286,6 +287,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "cp_without_te": "model.context_parallel_size=2 needs Transformer Engine, which is not available on the CPU",
         "multimodal": "bridge-sft convert text-only",
         "convert_missing": "nope: no such directory",
+        "lr_below_min_lr": "optimizer.min_lr=0.0002 is above optimizer.lr=1e-05",
     }
     for name, phrase in expect.items():
         result = results[name]

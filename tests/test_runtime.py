@@ -65,6 +65,7 @@ def test_a_gpu_host_without_transformer_engine_gets_the_plain_torch_te_layers_on
     assert f["active"] is False and f["mode"] == "no_te"
     assert f["mcore_have_te"] is True  # megatron-core's TE layer spec, on bridge_sft.runtime.te_torch
     assert f["cuda_untouched"]  # but no device redirection: the GPU is used
+    assert f["bridge_fixes"]  # Bridge's bugs fixed for models built through Bridge's own API too
 
 
 def test_enabled_runtime_redirects_cuda_and_serves_te_only_to_its_importers():

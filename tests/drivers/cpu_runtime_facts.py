@@ -52,9 +52,14 @@ def gpu():
     after = snapshot()
     from megatron.core.extensions import transformer_engine as mcore_te
 
-    return {"active": active, "mode": runtime.mode(), "mcore_have_te": mcore_te.HAVE_TE,
-            "cuda_untouched": after["cuda_functions"] == before["cuda_functions"]
-            and after["function_modes"] == before["function_modes"]}
+    facts = {"active": active, "mode": runtime.mode(), "mcore_have_te": mcore_te.HAVE_TE,
+             "cuda_untouched": after["cuda_functions"] == before["cuda_functions"]
+             and after["function_modes"] == before["function_modes"]}
+    import megatron.bridge  # noqa: F401  (the gate applies bridge_sft.bridge_fixes here, on every host)
+    from megatron.bridge.models.common import te_layers
+
+    facts["bridge_fixes"] = getattr(te_layers.TERowParallelLinearLayerNorm, "_bridge_sft_fixed_eps", False)
+    return facts
 
 
 def enabled():
