@@ -81,6 +81,10 @@ def check_config(config: ConfigContainer, world_size: int | None = None) -> None
             "packed/padded to the dataset's length and the model is built for its own. Set both to the same "
             f"value (e.g. dataset.seq_length={config.model.seq_length})."
         )
+    lr, min_lr = config.optimizer.lr, config.optimizer.min_lr
+    if lr is not None and min_lr is not None and min_lr > lr:  # megatron-core asserts with no message
+        raise ValueError(f"optimizer.min_lr={min_lr} is above optimizer.lr={lr}: the schedule decays from lr down to "
+                         f"min_lr. Lower min_lr (recipe argument min_lr=...; e.g. min_lr={lr / 10:g}) or raise lr.")
 
 
 def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_step_func=forward_step) -> dict:
