@@ -86,6 +86,7 @@ def test_real_checkpoint_matches_hf_on_long_text_packed_and_unpacked(name, real_
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~1-2 min each; make test keeps the round trips and the parity runs (CI runs this too)
 @pytest.mark.parametrize("name", REAL)
 def test_real_checkpoint_trains_through_the_cli_code_path(name, real_checkpoint, tmp_path):
     """Two steps of the ``tiny`` recipe (fp32, chat data) on the real model: the losses are those of a trained
