@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmarks: median wall time, peak RSS of a region, tables.
+"""What the benchmarks share: median wall time, peak RSS of a region, Markdown tables, the command line.
 
 Peak memory on the CPU is the process's resident-set high-water mark (VmHWM),
 reset before each measured region through ``/proc/self/clear_refs`` (Linux),
@@ -9,12 +9,20 @@ OS when freed, so consecutive regions in one process do not hide each other.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
+import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
 
 _STATUS = "/proc/self/status"
 
@@ -54,6 +62,14 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+def table_lines(header: list[str], rows: Iterable[Iterable]) -> list[str]:
+    """A Markdown table as lines: ``| h1 | h2 |``, the rule ``|---|---|``, then ``| c1 | c2 |`` per row
+    (each cell ``str()``-ed as it is: format numbers before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """Rows of dicts as a Markdown table (floats with 4 significant digits)."""
     if not rows:
@@ -63,6 +79,39 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     def cell(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(table_lines(columns, ([cell(row.get(c, "")) for c in columns] for row in rows)))
+
+
+def main(doc: str, run: Callable[..., list[dict]], markdown: Callable[[list[dict]], str], *, quick_help: str | None,
+         options: Iterable[tuple[str, dict]] = (), worker: Callable[[str], None] | None = None,
+         argv: list[str] | None = None) -> None:
+    """A benchmark's command line: prints ``markdown(run(quick=..., **options))``.
+
+    The parser's description is ``doc``'s first line; ``--quick`` (help ``quick_help``) and each of
+    ``options`` (``(flag, add_argument keywords)``) become ``run``'s keyword arguments. With ``worker``, a
+    hidden ``--worker SPEC`` runs ``worker(SPEC)`` instead (a benchmark's own child process).
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    for flag, keywords in options:
+        parser.add_argument(flag, **keywords)
+    if worker is not None:
+        parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    spec = args.pop("worker", None)
+    if spec:
+        worker(spec)
+        return
+    print(markdown(run(**args)))
+
+
+def run_worker(script: str | Path, spec: dict, spec_path: Path, what: str) -> None:
+    """Write ``spec`` as JSON to ``spec_path`` and run ``python script --worker spec_path`` in a child process
+    (from the repository root, the repository on ``PYTHONPATH``); a failure raises ``RuntimeError`` with
+    ``f"{what} failed:"`` and the last 4,000 characters of its output."""
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(script), "--worker", str(spec_path)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stdout[-4000:]}")

@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import common  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "chatterbot_messages.jsonl"
 _BRIDGE: dict = {}
 
@@ -219,12 +221,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | processes | conversations/s | tokens/s | supervised tokens | seconds | x Bridge |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "tokens_per_s" in r:
-            lines.append(f"| {r['method']} | {r['processes']} | {r['conversations_per_s']:,} | {r['tokens_per_s']:,} "
-                         f"| {r['supervised_tokens']:,} | {r['seconds']} | {r['speedup_vs_bridge']} |")
+    lines = common.table_lines(
+        ["method", "processes", "conversations/s", "tokens/s", "supervised tokens", "seconds", "x Bridge"],
+        ([r["method"], r["processes"], f"{r['conversations_per_s']:,}", f"{r['tokens_per_s']:,}",
+          f"{r['supervised_tokens']:,}", r["seconds"], r["speedup_vs_bridge"]] for r in rows if "tokens_per_s" in r))
     for r in rows:
         if "tokens_per_s" not in r:
             detail = {k: v for k, v in r.items() if k not in ("benchmark", "method")}

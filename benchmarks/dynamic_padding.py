@@ -19,11 +19,9 @@ multiple of 64) vs every sample padded to ``seq_length`` (bridge-sft's behaviour
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +31,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks import common  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "chatterbot_messages.jsonl"
 MULTIPLE = 64
@@ -154,13 +154,7 @@ def step_time_rows(quick: bool, tmp: Path, warmup: int = 4) -> list[dict]:
     pad_id = AutoTokenizer.from_pretrained(str(hf_path)).pad_token_id or 0
     spec = {"hf_path": str(hf_path), "output_dir": str(tmp / "run"), "iters": iters, "out": str(tmp / "steps.json"),
             "pad_id": int(pad_id)}
-    spec_path = tmp / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"dynamic_padding worker failed:\n{proc.stdout[-4000:]}")
+    common.run_worker(__file__, spec, tmp / "spec.json", "dynamic_padding worker")
     records = json.loads(Path(spec["out"]).read_text())["records"]
     for record in records:
         record["kind"] = DYNAMIC if record["kind"] == OURS else PADDED
@@ -189,12 +183,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data | seq | micro-batch | supervised / slot, padded | supervised / slot, dynamic | gain |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "gain" in r:
-            lines.append(f"| {r['data']} | {r['seq_length']} | {r['micro_batch_size']} | {r['efficiency_padded']:.4f} "
-                         f"| {r['efficiency_dynamic']:.4f} | {r['gain']:.2f}x |")
+    lines = common.table_lines(
+        ["data", "seq", "micro-batch", "supervised / slot, padded", "supervised / slot, dynamic", "gain"],
+        ([r["data"], r["seq_length"], r["micro_batch_size"], f"{r['efficiency_padded']:.4f}",
+          f"{r['efficiency_dynamic']:.4f}", f"{r['gain']:.2f}x"] for r in rows if "gain" in r))
     for r in rows:
         if r.get("summary"):
             lines.append(
@@ -207,15 +199,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bundled data only, 40 iterations")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        _worker(args.worker)
-        return
-    print(markdown(run(quick=args.quick)))
+def main(argv: list[str] | None = None) -> None:
+    common.main(__doc__, run, markdown, quick_help="bundled data only, 40 iterations", worker=_worker, argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ whether a family is pathologically slow on the stand-ins.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import markdown_table  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 SEQUENCES, LENGTH = 4, 64
 
@@ -90,13 +89,13 @@ def run(quick: bool = False, rounds: int | None = None) -> list[dict]:
              "rounds": rounds, "tokens": total} for arch, t in times.items()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int)
-    args = parser.parse_args()
-    rows = run(quick=args.quick, rounds=args.rounds)
-    print(markdown_table(rows, ["family", "parameters", "median_ms", "ratio_vs_llama"]))
+def _table(rows: list[dict]) -> str:
+    """The command line's table (not named ``markdown``: benchmarks/run.py prints every column of the rows)."""
+    return common.markdown_table(rows, ["family", "parameters", "median_ms", "ratio_vs_llama"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    common.main(__doc__, run, _table, quick_help=None, options=[("--rounds", {"type": int})], argv=argv)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,8 @@ reply trained (``train_on=last_assistant``, seq 2048), where most tokens are pro
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, fields
@@ -38,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.moe_common import build_tiny_moe, set_router_coefficients  # noqa: E402
 
 AUX_COEFF = 0.01
@@ -151,13 +149,7 @@ def run(quick: bool = False, batches: int | None = None) -> list[dict]:
             spec = {"hf_path": str(hf_path), "data": str(files[data]), "train_on": train_on, "seq_length": seq_length,
                     "global_batch_size": gbs, "batches": batches, "output_dir": str(Path(tmp) / data),
                     "out": str(Path(tmp) / f"{data}.json")}
-            spec_path = Path(tmp) / f"{data}.spec.json"
-            spec_path.write_text(json.dumps(spec))
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"moe_aux_weighting worker ({data}) failed:\n{proc.stdout[-4000:]}")
+            common.run_worker(__file__, spec, Path(tmp) / f"{data}.spec.json", f"moe_aux_weighting worker ({data})")
             per_batch = json.loads(Path(spec["out"]).read_text())
             before = [r["before"] for r in per_batch]
             predicted = [r["predicted"] for r in per_batch]
@@ -176,25 +168,18 @@ def run(quick: bool = False, batches: int | None = None) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data | supervised share | before: unfixed / fixed (mean, min-max) | predicted slots / supervised | "
-             "after: fixed at data mask / all supervised |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['data']} | {r['supervised_share_of_slots']:.1%} | {r['before_mean']:.3f} "
-                     f"({r['before_min']:.3f}-{r['before_max']:.3f}) | {r['predicted_mean']:.3f} | "
-                     f"{r['after_mean']:.7f} (max error {r['after_max_abs_error']:.1e}) |")
-    return "\n".join(lines)
+    return "\n".join(common.table_lines(
+        ["data", "supervised share", "before: unfixed / fixed (mean, min-max)", "predicted slots / supervised",
+         "after: fixed at data mask / all supervised"],
+        ([r["data"], f"{r['supervised_share_of_slots']:.1%}",
+          f"{r['before_mean']:.3f} ({r['before_min']:.3f}-{r['before_max']:.3f})", f"{r['predicted_mean']:.3f}",
+          f"{r['after_mean']:.7f} (max error {r['after_max_abs_error']:.1e})"] for r in rows)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 global batches per data set (default 6)")
-    parser.add_argument("--batches", type=int, help="global batches per data set")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        _worker(args.worker)
-        return
-    print(markdown(run(quick=args.quick, batches=args.batches)))
+def main(argv: list[str] | None = None) -> None:
+    common.main(__doc__, run, markdown, quick_help="2 global batches per data set (default 6)",
+                options=[("--batches", {"type": int, "help": "global batches per data set"})], worker=_worker,
+                argv=argv)
 
 
 if __name__ == "__main__":

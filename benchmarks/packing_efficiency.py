@@ -21,6 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import common  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "chatterbot_messages.jsonl"
 SEQ_LENGTHS = (1024, 2048, 4096)
 
@@ -103,11 +105,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data | seq_length | method | packs | efficiency | x Bridge default |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "efficiency" in r:
-            lines.append(f"| {r['data']} ({r['samples']:,} samples) | {r['seq_length']} | {r['method']} | "
-                         f"{r['packs']:,} | {r['efficiency']:.4f} | {r['vs_bridge_default']:.3f} |")
+    lines = common.table_lines(
+        ["data", "seq_length", "method", "packs", "efficiency", "x Bridge default"],
+        ([f"{r['data']} ({r['samples']:,} samples)", r["seq_length"], r["method"], f"{r['packs']:,}",
+          f"{r['efficiency']:.4f}", f"{r['vs_bridge_default']:.3f}"] for r in rows if "efficiency" in r))
     for r in rows:
         if "microseconds" in r:
             lines.append(f"\n{r['method']}: {r['microseconds']} us"

@@ -36,11 +36,8 @@ Target: ratio <= 1.02. ``python benchmarks/step_overhead.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,11 +48,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import common  # noqa: E402
+
 OURS = "bridge-sft"
 BRIDGE = "bridge gpt_step"
 TARGET = 1.02
 DENSE_MODEL = "tiny llama (hidden 64, 2 layers), CPU"
 MOE_MODEL = "tiny Qwen3-MoE (hidden 64, 2 layers, 4 experts, top-2, router losses on), CPU"
+QUICK_HELP = "one process of 40 iterations"
+OPTIONS = (  # the command line beyond --quick, also benchmarks/moe_step_overhead.py's
+    ("--repeats", {"type": int, "help": "training processes (default 3, quick 1)"}),
+    ("--iters", {"type": int, "help": "iterations per process (default 60, quick 40)"}),
+)
 
 
 def kind_of_iteration(iteration: int) -> str:
@@ -304,7 +308,7 @@ def _worker(spec_path: str) -> None:
     config.checkpoint.load = None
     config.logger.tensorboard_dir = None
     if spec.get("moe"):  # benchmarks/moe_step_overhead.py
-        from benchmarks.moe_step_overhead import configure
+        from benchmarks.moe_common import configure
 
         configure(config)
     result = interleaved_run(config, device="cpu")
@@ -339,13 +343,7 @@ def run(quick: bool = False, repeats: int | None = None, iters: int | None = Non
             spec = {"hf_path": str(hf_path), "output_dir": str(Path(tmp) / f"run{process}"), "seq_length": 256,
                     "global_batch_size": 8, "iters": iters, "out": str(Path(tmp) / f"result{process}.json"),
                     "moe": moe}
-            spec_path = Path(tmp) / f"spec{process}.json"
-            spec_path.write_text(json.dumps(spec))
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"step_overhead worker {process} failed:\n{proc.stdout[-4000:]}")
+            common.run_worker(__file__, spec, Path(tmp) / f"spec{process}.json", f"step_overhead worker {process}")
             result = json.loads(Path(spec["out"]).read_text())
             records = result["records"]
             ratios = pair_ratios(records, warmup)
@@ -379,12 +377,10 @@ def run(quick: bool = False, repeats: int | None = None, iters: int | None = Non
 
 def markdown(rows: list[dict]) -> str:
     """Per-process rows and the summary as Markdown."""
-    lines = ["| process | pairs | ours ms/iter | Bridge ms/iter | ratio (median of pairs) | p25-p75 |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        if "process" in r:
-            lines.append(f"| {r['process']} | {r['pairs']} | {r['ours_median_ms']:.1f} | {r['bridge_median_ms']:.1f} | "
-                         f"{r['ratio_median']:.4f} | {r['ratio_p25']:.4f}-{r['ratio_p75']:.4f} |")
+    lines = common.table_lines(
+        ["process", "pairs", "ours ms/iter", "Bridge ms/iter", "ratio (median of pairs)", "p25-p75"],
+        ([r["process"], r["pairs"], f"{r['ours_median_ms']:.1f}", f"{r['bridge_median_ms']:.1f}",
+          f"{r['ratio_median']:.4f}", f"{r['ratio_p25']:.4f}-{r['ratio_p75']:.4f}"] for r in rows if "process" in r))
     for r in rows:
         if r.get("summary"):
             lines.append(
@@ -399,17 +395,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one process of 40 iterations")
-    parser.add_argument("--repeats", type=int, help="training processes (default 3, quick 1)")
-    parser.add_argument("--iters", type=int, help="iterations per process (default 60, quick 40)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        _worker(args.worker)
-        return
-    print(markdown(run(quick=args.quick, repeats=args.repeats, iters=args.iters)))
+def main(argv: list[str] | None = None) -> None:
+    common.main(__doc__, run, markdown, quick_help=QUICK_HELP, options=OPTIONS, worker=_worker, argv=argv)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import common  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "chatterbot_messages.jsonl"
 SEQ_LENGTHS = (2048, 4096)
 BRIDGE_SEED = 0  # megatron.bridge.data.packing.offline.prepare_packed_sequence_data's default
@@ -150,13 +152,11 @@ def run(quick: bool = False) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| data | seq | method | rows | supervised / slot | real / slot | x Bridge packing | x padding |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['data']} ({r['samples']:,} samples, {r['truncated_samples']} truncated) | "
-                     f"{r['seq_length']} | {r['method']} | {r['rows']:,} | {r['useful_efficiency']:.4f} | "
-                     f"{r['real_efficiency']:.4f} | {r['vs_bridge_packing']:.3f} | {r['vs_padding']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(common.table_lines(
+        ["data", "seq", "method", "rows", "supervised / slot", "real / slot", "x Bridge packing", "x padding"],
+        ([f"{r['data']} ({r['samples']:,} samples, {r['truncated_samples']} truncated)", r["seq_length"], r["method"],
+          f"{r['rows']:,}", f"{r['useful_efficiency']:.4f}", f"{r['real_efficiency']:.4f}",
+          f"{r['vs_bridge_packing']:.3f}", f"{r['vs_padding']:.1f}"] for r in rows)))
 
 
 if __name__ == "__main__":
