@@ -40,11 +40,10 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from bridge_sft.data import encoding as _encoding
 from bridge_sft.data.encoding import (
     EMPTY_THINK,
     REASONING_HISTORY,
@@ -76,6 +75,7 @@ CACHE_VERSION = 2  # bump when the encoding rules change
 TRUNCATION = ("split", "truncate", "drop", "error")
 ON_BAD_RECORD = ("error", "skip")
 CHUNK_RECORDS = 256
+_FIX_SKIP = "fix the record, or set on_bad_record='skip' to skip and count bad records"
 _TOKENIZER_FILES = (".json", ".jinja", ".model", ".txt", ".tiktoken", ".vocab")
 
 
@@ -206,13 +206,14 @@ def _load_tokenizer(path: str):
         raise DataError(f"cannot load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
 
 
-def make_encoder(options: EncodeOptions, tokenizer=None) -> ChatEncoder:
+def make_encoder(options: EncodeOptions, tokenizer=None, templates: dict[str, str] | None = None) -> ChatEncoder:
     """The ``ChatEncoder`` these options describe (loads the tokenizer unless given, as an
-    HF tokenizer or a ``TokenizerSpec``)."""
+    HF tokenizer or a ``TokenizerSpec``). ``templates``: the templates another encoder of
+    these options chose (``ChatEncoder.templates``), used as they are."""
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(options.tokenizer_path)
     return ChatEncoder(
         tokenizer,
-        chat_template=load_chat_template(options.chat_template),
+        chat_template=templates if templates is not None else load_chat_template(options.chat_template),
         template_kwargs=options.template_kwargs,
         train_on=options.train_on,
         empty_think=options.empty_think,
@@ -222,11 +223,11 @@ def make_encoder(options: EncodeOptions, tokenizer=None) -> ChatEncoder:
     )
 
 
-def _init_worker(options: EncodeOptions, spec: TokenizerSpec) -> None:
+def _init_worker(options: EncodeOptions, spec: TokenizerSpec, templates: dict[str, str]) -> None:
+    """A worker's encoder, with the templates the main process chose (and announced)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _encoding.QUIET["fallback"] = True  # the main process announced any template fallback already
     _WORKER["options"] = options
-    _WORKER["encoder"] = make_encoder(options, spec)
+    _WORKER["encoder"] = make_encoder(options, spec, templates)
 
 
 @dataclass
@@ -276,7 +277,6 @@ def _encode_chunk(
         result.first_at.setdefault(reason, where)
         return False
 
-    fix_skip = "fix the record, or set on_bad_record='skip' to skip and count bad records"
     convs: list[tuple[int, Conversation]] = []
     default_tools = None  # options.tools, read once, at the first record without tools of its own
     for index, raw in chunk.items:
@@ -292,32 +292,31 @@ def _encode_chunk(
                 conv.tools = default_tools
             convs.append((index, conv))
         except RecordError as exc:
-            if bad(exc.reason, where, exc.detail, fix_skip):
+            if bad(exc.reason, where, exc.detail, _FIX_SKIP):
                 return result
         except DataError:
             raise
         except Exception as exc:  # a case the checks above do not know: still this record's error
-            if bad("unexpected_error", where, _unexpected(exc), fix_skip):
+            if bad("unexpected_error", where, _unexpected(exc), _FIX_SKIP):
                 return result
-    ids_out, mask_out, lengths, origins = [], [], [], []
+    kept = _Samples(options, result, bad, chunk.source_index)
     split = options.truncation == "split"
     records = _encode_guarded(encoder, [c for _, c in convs], max_ids, split)
     for (index, _), record in zip(convs, records):
         where = location(chunk.source, index)
         if isinstance(record, RecordError):
-            if bad(record.reason, where, record.detail, fix_skip):
+            if bad(record.reason, where, record.detail, _FIX_SKIP):
                 return result
             continue
         _count(result.counts, record)
         for ids, mask in record.samples:
-            if _keep_sample(result, options, ids, mask, where, index, chunk.source_index, fix_skip, bad,
-                            ids_out, mask_out, lengths, origins):
+            if _keep_sample(kept, ids, mask, where, index):
                 return result
-    if ids_out:
-        result.ids = np.concatenate(ids_out).astype(np.uint32)
-        result.mask = np.concatenate(mask_out).astype(np.uint8)
-        result.lengths = np.asarray(lengths, dtype=np.int64)
-        result.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    if kept.ids:
+        result.ids = np.concatenate(kept.ids).astype(np.uint32)
+        result.mask = np.concatenate(kept.mask).astype(np.uint8)
+        result.lengths = np.asarray(kept.lengths, dtype=np.int64)
+        result.origins = np.asarray(kept.origins, dtype=np.int64).reshape(-1, 2)
     return result
 
 
@@ -330,12 +329,28 @@ def _count(counts: dict[str, int], record) -> None:
         counts["supervised_split"] = counts.get("supervised_split", 0) + record.supervised_split
 
 
-def _keep_sample(result, options, ids, mask, where, index, source_index, fix_skip, bad,
-                 ids_out, mask_out, lengths, origins) -> bool:
-    """Apply the length policy to one sample and keep it; True if processing must stop."""
+@dataclass
+class _Samples:
+    """Where the samples of a chunk go: ``options``' length policy applied, losses counted in
+    ``result``, bad records reported through ``bad`` (True: processing must stop), the kept
+    samples and their origins (``source_index``, record index) gathered."""
+
+    options: EncodeOptions
+    result: _ChunkResult
+    bad: Callable[[str, str, str, str], bool]
+    source_index: int
+    ids: list[np.ndarray] = field(default_factory=list)
+    mask: list[np.ndarray] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    origins: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _keep_sample(samples: _Samples, ids: np.ndarray, mask: np.ndarray, where: str, index: int) -> bool:
+    """Apply the length policy to one sample of record ``index`` and keep it; True if processing must stop."""
+    options, result, bad = samples.options, samples.result, samples.bad
     max_ids = options.seq_length + 1
     if len(ids) < 2:
-        if bad("too_short", where, "the conversation renders to fewer than 2 tokens", fix_skip):
+        if bad("too_short", where, "the conversation renders to fewer than 2 tokens", _FIX_SKIP):
             return True
         return False
     if len(ids) > max_ids:
@@ -357,13 +372,13 @@ def _keep_sample(result, options, ids, mask, where, index, source_index, fix_ski
             return False
         result.truncated += 1
     if not mask[1:].any():
-        if bad("no_supervised_tokens", where, "no token of the conversation is supervised", fix_skip):
+        if bad("no_supervised_tokens", where, "no token of the conversation is supervised", _FIX_SKIP):
             return True
         return False
-    ids_out.append(ids)
-    mask_out.append(mask)
-    lengths.append(len(ids))
-    origins.append((source_index, index))
+    samples.ids.append(ids)
+    samples.mask.append(mask)
+    samples.lengths.append(len(ids))
+    samples.origins.append((samples.source_index, index))
     return False
 def _unexpected(exc: BaseException) -> str:
     text = str(exc)
@@ -508,7 +523,8 @@ def _build(sources, options, num_proc, progress, tokenizer) -> PreparedData:
                 bar.update(results[-1].records)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(num_proc, initializer=_init_worker, initargs=(options, encoder.spec)) as pool:
+            initargs = (options, encoder.spec, encoder.templates)  # the templates chosen (and announced) here
+            with ctx.Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
                 inflight: deque = deque()
                 for chunk in chunks:
                     inflight.append(pool.apply_async(_encode_chunk, (chunk,)))
