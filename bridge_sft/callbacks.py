@@ -15,6 +15,7 @@ ranks. Nothing here synchronises inside a step; one small all-reduce per step.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,3 +94,39 @@ class LossHistory(Callback):
     def on_eval_end(self, context) -> None:
         if context.total_loss_dict and "lm loss" in context.total_loss_dict:
             self.validation[context.state.train_state.step] = float(context.total_loss_dict["lm loss"])
+
+
+class AdapterTokenizer(Callback):
+    """With LoRA and ``save_hf=true``, Bridge writes only the HF PEFT adapter to ``checkpoints/iter_N/hf``
+    (``adapter_config.json``, ``adapter_model.safetensors``): ``AutoTokenizer.from_pretrained`` fails on it.
+    After each save this writes the run's tokenizer (with the chat template the data was rendered with)
+    beside the adapter, so the folder is self-contained next to its base model. The merged model:
+    ``bridge-sft convert export CHECKPOINTS OUT``. Does nothing for full fine-tunes (Bridge's HF export
+    already has the tokenizer) or without ``save_hf``."""
+
+    def __init__(self) -> None:
+        self._tokenizer = None
+
+    def on_checkpoint_save(self, context) -> None:
+        cfg = context.state.cfg
+        if cfg.peft is None or not cfg.checkpoint.also_save_hf_checkpoint:
+            return
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        hf_dir = Path(cfg.checkpoint.save) / f"iter_{context.state.train_state.step:07d}" / "hf"
+        if hf_dir.is_dir():
+            self.tokenizer(cfg).save_pretrained(str(hf_dir))
+
+    def tokenizer(self, cfg):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from bridge_sft.data.encoding import load_chat_template
+
+            source = (getattr(cfg.dataset, "tokenizer_path", None) or cfg.tokenizer.tokenizer_model
+                      or cfg.checkpoint.pretrained_checkpoint)
+            self._tokenizer = AutoTokenizer.from_pretrained(str(source))
+            template = load_chat_template(getattr(cfg.dataset, "chat_template", None))
+            if template is not None:
+                self._tokenizer.chat_template = template
+        return self._tokenizer

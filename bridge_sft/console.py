@@ -548,7 +548,8 @@ def _short(path: str) -> str:
 # ---------------------------------------------------------------------------- the header
 
 
-def describe_run(config, data_summary: dict | None = None, hf_path: str | None = None) -> list[tuple[str, str]]:
+def describe_run(config, data_summary: dict | list[dict] | None = None,
+                 hf_path: str | None = None) -> list[tuple[str, str]]:
     """Header rows (label, text) of a training run: model, data, training, parallelism, runtime, outputs."""
     model = config.model
     source = hf_path or config.checkpoint.pretrained_checkpoint or "?"
@@ -581,7 +582,8 @@ def describe_run(config, data_summary: dict | None = None, hf_path: str | None =
     rows.append(("runtime", f"{precision}; {runtime_description()}"))
     checkpoint = config.checkpoint
     if checkpoint.save:
-        hf = ", HF export beside each" if checkpoint.also_save_hf_checkpoint else ""
+        hf = "" if not checkpoint.also_save_hf_checkpoint else \
+            ", HF export beside each" if config.peft is None else ", LoRA adapter (HF PEFT) and tokenizer beside each"
         every = f"every {checkpoint.save_interval} iterations and " if checkpoint.save_interval else ""
         rows.append(("checkpoints", f"{checkpoint.save} ({every}at the end{hf})"))
     if config.logger.tensorboard_dir:
@@ -589,11 +591,16 @@ def describe_run(config, data_summary: dict | None = None, hf_path: str | None =
     return rows
 
 
-def describe_data(summary: dict, dataset=None) -> str:
-    """One line: sources, samples, tokens, supervised tokens, and what was cut or skipped."""
-    paths = getattr(dataset, "data_path", None)
-    paths = [paths] if isinstance(paths, str) else list(paths or [])
-    names = ", ".join(Path(p).name for p in paths) or "data"
+def describe_data(summary: dict | list[dict], dataset=None) -> str:
+    """One line: sources, samples, tokens, supervised tokens, and what was cut or skipped.
+    ``summary``: the data's, or one per source of a mixture (added up; the sources named)."""
+    if isinstance(summary, list):
+        names = ", ".join(spec.name for spec in dataset.sources()) if hasattr(dataset, "sources") else "data"
+        summary = _add_summaries(summary)
+    else:
+        paths = getattr(dataset, "data_path", None)
+        paths = [paths] if isinstance(paths, str) else list(paths or [])
+        names = ", ".join(Path(p).name for p in paths) or "data"
     text = (f"{names}: {summary.get('samples', 0):,} samples, {summary.get('tokens', 0):,} tokens "
             f"({summary.get('supervised_tokens', 0):,} supervised)")
     cut = {"truncated": summary.get("truncated", 0), "dropped": summary.get("dropped_too_long", 0)
@@ -607,6 +614,19 @@ def describe_data(summary: dict, dataset=None) -> str:
     elif fraction:
         text += f"; {fraction:.0%} held out for validation"
     return text
+
+
+def _add_summaries(summaries: list[dict]) -> dict:
+    """The counts ``describe_data`` shows, added up over the sources of a mixture."""
+    total: dict = {"skipped": {}}
+    for summary in summaries:
+        summary = getattr(summary, "summary", summary)
+        for key in ("samples", "tokens", "supervised_tokens", "truncated", "dropped_too_long",
+                    "dropped_no_supervised_after_truncation"):
+            total[key] = total.get(key, 0) + summary.get(key, 0)
+        for reason, n in (summary.get("skipped") or {}).items():
+            total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+    return total
 
 
 def runtime_description() -> str:
@@ -710,6 +730,7 @@ def _progress_callback_class():
             self.totals = {"supervised_tokens": 0.0, "slot_tokens": 0.0, "seconds": 0.0, "steps": 0}
             self.skipped = 0
             self._training = False
+            self.merge_command: str | None = None  # a LoRA run's: how to get the merged HF model
 
         def on_train_start(self, context) -> None:
             self.parameters = count_parameters(context.model, bool(getattr(context.state.cfg.model,
@@ -785,6 +806,9 @@ def _progress_callback_class():
                 state = context.state
                 path = Path(state.cfg.checkpoint.save) / f"iter_{state.train_state.step:07d}"
                 hf = " (with the HF export in hf/)" if state.cfg.checkpoint.also_save_hf_checkpoint else ""
+                if state.cfg.peft is not None:
+                    hf = " (with the LoRA adapter and tokenizer in hf/)" if hf else ""
+                    self.merge_command = f"bridge-sft convert export {state.cfg.checkpoint.save} OUT_DIR"
                 self.console.say(f"checkpoint saved at iteration {state.train_state.step}: {path}{hf}")
 
         def on_train_end(self, context) -> None:
@@ -814,6 +838,9 @@ def summary_rows(progress, console: TrainConsole) -> list[tuple[str, str]]:
     if totals.get("seconds"):
         rows.append(("supervised tokens/s", f"{totals['supervised_tokens'] / totals['seconds']:,.0f} "
                      f"({totals['supervised_tokens']:,.0f} supervised tokens of {totals['slot_tokens']:,.0f} slots)"))
+    if getattr(progress, "merge_command", None):
+        rows.append(("merged model", f"{progress.merge_command} (the LoRA adapters merged into the base weights, "
+                                     "as an HF checkpoint)"))
     if console.log_path is not None:
         held = f" ({console.hidden} known-harmless warnings not shown)" if console.hidden else ""
         rows.append(("full log", f"{console.log_path}{held}"))

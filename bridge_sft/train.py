@@ -19,7 +19,7 @@ from megatron.bridge.training.finetune import finetune
 from bridge_sft import bridge_fixes, moe, runtime
 from bridge_sft.models import check_model
 from bridge_sft.step import forward_step
-from bridge_sft.callbacks import TokenThroughput
+from bridge_sft.callbacks import AdapterTokenizer, TokenThroughput
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     CPU forms, and on a GPU without Transformer Engine TE's kernels are turned off
     (``bridge_sft.runtime.configure``).
     ``callbacks``: Bridge ``Callback``s, run after our ``TokenThroughput``
-    (supervised and slot tokens/s in the log); a ``TokenThroughput`` among them is used
-    as that one (the console's progress line reads it).
+    (supervised and slot tokens/s in the log) and ``AdapterTokenizer`` (the tokenizer beside
+    a LoRA run's HF adapter); a ``TokenThroughput`` among them is used as that one (the
+    console's progress line reads it).
     ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
     Returns the run's token totals: supervised tokens, slot tokens, seconds, steps.
     """
@@ -107,7 +108,8 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     callbacks = list(callbacks or [])
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None) or TokenThroughput()
-    callbacks = [throughput, *moe.callbacks_for(config, callbacks), *(c for c in callbacks if c is not throughput)]
+    callbacks = [throughput, AdapterTokenizer(), *moe.callbacks_for(config, callbacks),
+                 *(c for c in callbacks if c is not throughput)]
     finetune(config, forward_step_func, callbacks=callbacks)
     return throughput.totals
 

@@ -44,9 +44,11 @@ def hf_logits(hf_dir, tokens) -> torch.Tensor:
         return model(input_ids=torch.tensor(tokens)).logits
 
 
-def train_lora_probe(hf_dir, tmp_path: Path, train_iters: int) -> tuple[dict, list[list[int]], Path]:
+def train_lora_probe(hf_dir, tmp_path: Path, train_iters: int, save_hf: bool = False
+                     ) -> tuple[dict, list[list[int]], Path]:
     """LoRA (dim 8, alpha 16) with the ``tiny`` recipe on 24 dialogs, seen again every iteration (a loss a LoRA
-    on a random base can visibly lower in a few steps); checkpoint at the last iteration, no HF export.
+    on a random base can visibly lower in a few steps); checkpoint at the last iteration, with the HF adapter
+    export (``checkpoints/iter_N/hf``) only if ``save_hf``.
     Returns ``train_probe.py``'s report, the probe tokens and the run's output folder."""
     out = tmp_path / "lora"
     out.mkdir()
@@ -55,5 +57,5 @@ def train_lora_probe(hf_dir, tmp_path: Path, train_iters: int) -> tuple[dict, li
     data.write_text("".join(SAMPLE_DIALOGS.read_text(encoding="utf-8").splitlines(keepends=True)[:24]))
     run_python("train_probe.py", out, tmp_path / "tokens.json", "tiny", f"hf_path={hf_dir}", f"data={data}",
                f"output_dir={out}", "peft=lora", "lora_dim=8", "lora_alpha=16", f"train_iters={train_iters}",
-               "log_interval=1", f"save_interval={train_iters}", "save_hf=false")
+               "log_interval=1", f"save_interval={train_iters}", f"save_hf={str(save_hf).lower()}")
     return json.loads((out / "probe.json").read_text()), tokens, out

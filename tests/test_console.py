@@ -61,6 +61,20 @@ def train_argv(mode: str, hf_dir, out, *overrides: str) -> list[str]:
             f"output_dir={out}", "train_iters=4", "log_interval=1", *overrides]
 
 
+def test_header_data_line_adds_up_the_sources_of_a_mixture():
+    """``bridge-sft train ... data='[a.jsonl:0.5, b.jsonl:0.5]'``: the data is prepared per source."""
+    from types import SimpleNamespace
+
+    from bridge_sft.console import describe_data
+
+    dataset = SimpleNamespace(sources=lambda: [SimpleNamespace(name="dates"), SimpleNamespace(name="replay")],
+                              validation_path=None, validation_fraction=0.02)
+    summaries = [{"samples": 3, "tokens": 30, "supervised_tokens": 10, "truncated": 1},
+                 {"samples": 2, "tokens": 20, "supervised_tokens": 5, "skipped": {"not JSON": 1}}]
+    assert describe_data(summaries, dataset) == ("dates, replay: 5 samples, 50 tokens (15 supervised), 1 truncated, "
+                                                 "1 bad records skipped; 2% held out for validation")
+
+
 @pytest.mark.slow
 def test_terminal_console_shows_header_progress_summary_and_real_problems_only(tiny_llama, tmp_path):
     out = tmp_path / "run"

@@ -82,12 +82,22 @@ def test_train_tiny_from_the_command_line_hf_in_hf_out(tiny_llama, tmp_path):
 
 
 def test_lora_trains_only_adapters_and_exports_merged(tiny_llama, tmp_path):
-    probe, tokens, out = train_lora_probe(tiny_llama, tmp_path, train_iters=12)
+    probe, tokens, out = train_lora_probe(tiny_llama, tmp_path, train_iters=12, save_hf=True)
     assert probe["trainable"] and all(".adapter." in name for name in probe["trainable"]), probe["trainable"]
     assert 0 < probe["trainable_params"] < 0.2 * probe["total_params"], probe
     assert probe["frozen_changed"] == []
     losses = {int(k): v for k, v in probe["losses"].items()}
     assert losses[12] < losses[1] - 0.1, losses
+
+    # save_hf=true: Bridge writes the HF PEFT adapter beside the checkpoint, bridge-sft its tokenizer beside it.
+    adapter = out / "checkpoints" / "iter_0000012" / "hf"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    from transformers import AutoTokenizer
+
+    tokenizer, original = AutoTokenizer.from_pretrained(str(adapter)), AutoTokenizer.from_pretrained(str(tiny_llama))
+    chat = [{"role": "user", "content": "How are you?"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(chat, tokenize=False)
+    assert tokenizer("How are you?")["input_ids"] == original("How are you?")["input_ids"]
 
     proc = bridge_sft("convert", "export", out / "checkpoints", tmp_path / "merged", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

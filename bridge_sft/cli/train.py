@@ -96,7 +96,8 @@ def _train(args, console) -> int:
             prepared = config.dataset.prepare(config.dataset.data_path)
         log = console.open_log(log_dir(config))
         console.table(f"bridge-sft train {args.recipe}",
-                      describe_run(config, prepared.summary if prepared is not None else None)
+                      describe_run(config, None if prepared is None else [p.summary for p in prepared]
+                                   if isinstance(prepared, list) else prepared.summary)
                       + [("log", f"{log} (everything Bridge prints; one file per rank)")])
         console.configure(config)  # warnings: all to the log, the console filters
         callbacks = progress_callbacks(console)
