@@ -22,6 +22,17 @@ class UserError(Exception):
     """A problem with the user's input; printed as one line without a traceback."""
 
 
+def enable_runtime(device: str = "auto") -> None:
+    """``bridge_sft.runtime.maybe_enable(device)``; what it refuses (Transformer Engine on a CPU, a device
+    that is not there) raised as ``UserError``."""
+    from bridge_sft import runtime
+
+    try:
+        runtime.maybe_enable(device)
+    except (runtime.TransformerEngineOnCPUError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bridge-sft",

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bridge_sft.cli import UserError
+from bridge_sft.cli import UserError, enable_runtime
 
 
 def add_parser(subparsers) -> None:
@@ -107,12 +107,7 @@ def load(model: str, hf_config: str | None = None, device: str = "auto", say=pri
         return Chat(path, device)
     if not path.is_dir():
         raise UserError(f"{model}: no such HF directory or Megatron checkpoint.")
-    from bridge_sft import runtime
-
-    try:
-        runtime.maybe_enable(device)
-    except (runtime.TransformerEngineOnCPUError, RuntimeError) as exc:
-        raise UserError(str(exc)) from None
+    enable_runtime(device)
     from bridge_sft.cli.convert import recorded_hf_source
     from bridge_sft.recipes.resolve import ConfigError, check_hf_checkpoint
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bridge_sft.cli import UserError
+from bridge_sft.cli import UserError, enable_runtime
 
 
 def add_parser(subparsers) -> None:
@@ -92,15 +92,10 @@ def text_only(args) -> int:
 
 
 def main(args) -> int:
-    from bridge_sft import runtime
-
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} already exists; give a new output directory.")
-    try:
-        runtime.maybe_enable(args.device)
-    except (runtime.TransformerEngineOnCPUError, RuntimeError) as exc:
-        raise UserError(str(exc)) from None
+    enable_runtime(args.device)
     from bridge_sft.recipes.resolve import ConfigError, check_hf_checkpoint
 
     try:

@@ -87,7 +87,6 @@ def _demo(args, console) -> int:
     from bridge_sft import runtime
 
     runtime.maybe_enable(args.device)
-    from bridge_sft.callbacks import LossHistory
     from bridge_sft.console import describe_run, progress_callbacks
     from bridge_sft.recipes import tiny
     from bridge_sft.train import run
@@ -100,9 +99,10 @@ def _demo(args, console) -> int:
     for label in HEADER_ROWS:
         console.row(label, rows[label])
     console.row("log", f"{log} (everything Bridge prints)")
-    history = LossHistory()
+    callbacks = progress_callbacks(console)
     console.start_status("Bridge is setting up: model, weights, optimizer, data loaders")
-    totals = run(config, device=args.device, callbacks=[*progress_callbacks(console), history])
+    totals = run(config, device=args.device, callbacks=callbacks)
+    history = callbacks[-1]  # the Progress callback keeps the loss history
 
     export = Path(config.checkpoint.save) / f"iter_{args.steps:07d}" / "hf"
     say("4/5", f"chatting with the HF export {export} (as `bridge-sft chat` does)")

@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bridge_sft.cli import UserError
+from bridge_sft.cli import UserError, enable_runtime
 
 EPILOG = """\
 recipe arguments (key without a dot): hf_path=DIR_OR_HUB_ID data=FILE_OR_DIR peft=lora seq_length=N ...
@@ -63,12 +63,7 @@ def main(args) -> int:
 
 
 def _train(args, console) -> int:
-    from bridge_sft import runtime
-
-    try:
-        runtime.maybe_enable(args.device)
-    except (runtime.TransformerEngineOnCPUError, RuntimeError) as exc:
-        raise UserError(str(exc)) from None
+    enable_runtime(args.device)
     from bridge_sft.recipes.resolve import ConfigError, build_config
     from bridge_sft.train import check_config, run
 
