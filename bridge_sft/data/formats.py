@@ -1,21 +1,9 @@
-"""Chat data formats and sources: records in, validated OpenAI-style messages out.
+"""Chat data formats: one record of any supported format in, a validated ``Conversation`` out.
 
-Sources (``open_sources``): local ``.jsonl``, ``.json`` (a list of records, or
-JSON lines), ``.parquet`` files, directories written by ``datasets``'
-``save_to_disk`` (``load_from_disk``), directories of such files, and Hugging
-Face hub dataset ids (``org/name`` or ``org/name:split``) when the machine is
-online. Every record keeps its location (``file:line`` for JSON lines,
-``file:record N`` otherwise) so errors can name it.
-
-Reading never ends in a traceback: text files are UTF-8, with or without a
-byte-order mark; a file in UTF-16/32 is a ``DataError`` saying how to convert
-it; a JSON line that is not UTF-8 (Latin-1, cp1252 ...), not JSON, nested
-deeper than ``MAX_DEPTH``, or holding an unpaired ``\\uD800``-style surrogate
-escape (not a Unicode character) is a ``RecordError`` of that record (skipped
-and counted with ``on_bad_record="skip"``); unreadable files are ``DataError``.
-
-Formats (``to_conversation``), auto-detected from the first record of each
-source unless named:
+``to_conversation(record, fmt, columns)`` turns one raw record (a JSON object read from a
+source, see ``sources``) into OpenAI-style messages, or raises that record's ``RecordError``
+(a short ``reason`` counted when bad records are skipped). Formats, auto-detected from the
+first record of each source (``detect_format``) unless named:
 
 - ``messages`` (OpenAI): ``{"messages": [{"role", "content", ...}], "tools": [...]}``;
   ``tool_calls``, ``tool_call_id``, ``name`` and ``reasoning_content`` are kept;
@@ -29,18 +17,50 @@ source unless named:
 ``columns`` renames source columns to these names, e.g. ``{"messages": "dialog"}``
 or ``{"instruction": "question", "output": "answer"}``.
 
+Where the records come from (paths, files, hub ids; locations; safe JSON) is
+``bridge_sft.data.sources`` and ``bridge_sft.data.json_text``; the errors are
+``bridge_sft.data.errors``. Their names stay importable from here.
+
 This module imports neither torch nor megatron.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import reprlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from bridge_sft.data.errors import DataError, RecordError
+from bridge_sft.data.json_text import (  # noqa: F401  (MAX_DEPTH, check_value ...: re-exported)
+    _SURROGATE_ESCAPE,
+    MAX_DEPTH,
+    _check_unicode,
+    _clip,
+    _loads,
+    check_value,
+)
+from bridge_sft.data.sources import (  # noqa: F401  (re-exported: the sources' names stay importable from here)
+    _UTF8_BOM,
+    _WIDE_BOMS,
+    DATA_SUFFIXES,
+    BadLine,
+    Source,
+    _check_text_encoding,
+    _is_hf_disk_dir,
+    _iter_json,
+    _iter_jsonl,
+    _iter_parquet,
+    _kind,
+    _load_from_disk,
+    _load_hub,
+    _looks_like_hub_id,
+    _not_utf8,
+    iter_source,
+    location,
+    parse_raw,
+    resolve_sources,
+    source_fingerprint_parts,
+)
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
@@ -63,29 +83,6 @@ SHAREGPT_ROLES = {
 MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
 # Expected types of the optional message keys (a wrong type is a record error, not a template crash).
 MESSAGE_KEY_TYPES = {"tool_calls": list, "tool_call_id": str, "name": str, "reasoning_content": str, "thinking": str}
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-MAX_DEPTH = 100  # JSON nesting deeper than this is rejected (chat records need < 10 levels)
-_UTF8_BOM = b"\xef\xbb\xbf"
-_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
-              b"\xfe\xff": "UTF-16"}
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-class DataError(ValueError):
-    """Bad input data or settings; the message names the file/record and the fix."""
-
-
-class RecordError(DataError):
-    """One bad record. ``reason`` is a short category used to count skipped records."""
-
-    def __init__(self, reason: str, message: str, location: str | None = None):
-        self.reason = reason
-        self.detail = message
-        self.location = location
-        super().__init__(f"{location}: {message}" if location else message)
-
-    def at(self, location: str) -> "RecordError":
-        return RecordError(self.reason, self.detail, location)
 
 
 @dataclass
@@ -350,323 +347,3 @@ def _from_prompt_completion(record: dict) -> Conversation:
         f"'prompt' and 'completion' must both be strings or both be message lists, not "
         f"{type(prompt).__name__} and {type(completion).__name__}",
     )
-
-
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class Source:
-    """One data source. ``kind``: ``jsonl``, ``json``, ``parquet``, ``hf_disk`` or ``hf_hub``."""
-
-    path: str
-    kind: str
-    split: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.path if self.split is None else f"{self.path}:{self.split}"
-
-
-def resolve_sources(paths: str | list[str]) -> list[Source]:
-    """Expand user-given paths into sources; raise ``DataError`` for paths that cannot be read."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise DataError("no data files given")
-    sources: list[Source] = []
-    for raw in paths:
-        path = os.path.expanduser(str(raw))
-        if os.path.isdir(path):
-            if _is_hf_disk_dir(path):
-                sources.append(Source(path, "hf_disk"))
-                continue
-            files = sorted(
-                str(p) for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-            )
-            if not files:
-                raise DataError(
-                    f"{path}: the directory has no .jsonl/.json/.parquet files and is not a dataset saved with "
-                    "datasets' save_to_disk()"
-                )
-            sources += [Source(f, _kind(f)) for f in files]
-        elif os.path.isfile(path):
-            sources.append(Source(path, _kind(path)))
-        else:
-            repo, _, split = path.partition(":")
-            if _looks_like_hub_id(repo):
-                sources.append(Source(repo, "hf_hub", split or "train"))
-            else:
-                raise DataError(f"{path}: no such file or directory")
-    return sources
-
-
-def _kind(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".jsonl":
-        return "jsonl"
-    if suffix == ".json":
-        return "json"
-    if suffix == ".parquet":
-        return "parquet"
-    raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .jsonl, .json or .parquet")
-
-
-def _is_hf_disk_dir(path: str) -> bool:
-    p = Path(path)
-    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A raw record that could not even be read as text (``iter_source`` yields it in place of the
-    text; ``parse_raw`` raises it as that record's ``RecordError``)."""
-
-    reason: str
-    message: str
-
-
-def iter_source(source: Source) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, raw)`` for each record: raw JSON text lines for ``.jsonl``
-    (index = 1-based line number; blank lines are skipped; a line that is not UTF-8
-    is a ``BadLine``), dicts otherwise (0-based). Unreadable files raise ``DataError``."""
-    try:
-        if source.kind == "jsonl":
-            yield from _iter_jsonl(source.path)
-        elif source.kind == "json":
-            yield from _iter_json(source.path)
-        elif source.kind == "parquet":
-            yield from _iter_parquet(source.path)
-        elif source.kind == "hf_disk":
-            yield from enumerate(_load_from_disk(source.path))
-        elif source.kind == "hf_hub":
-            yield from enumerate(_load_hub(source))
-        else:  # pragma: no cover - resolve_sources only makes the kinds above
-            raise DataError(f"{source.path}: unknown source kind {source.kind}")
-    except OSError as exc:
-        raise DataError(f"{source.path}: cannot read the file ({exc.strerror or exc})") from None
-
-
-def _check_text_encoding(path: str, head: bytes) -> None:
-    """Reject UTF-16/32 files (by byte-order mark, or by the NUL bytes of ASCII text in them)."""
-    for bom, name in _WIDE_BOMS.items():
-        if head.startswith(bom):
-            raise DataError(f"{path}: the file is {name} (it starts with a {name} byte-order mark); bridge-sft "
-                            f"reads UTF-8 (with or without a byte-order mark). Convert it, e.g. "
-                            f"iconv -f {name} -t UTF-8 {path} > converted{Path(path).suffix}")
-    if head.count(b"\x00") > len(head) // 4:
-        raise DataError(f"{path}: the file looks like UTF-16 or UTF-32 text without a byte-order mark (a quarter "
-                        f"of its first bytes are NUL); bridge-sft reads UTF-8. Convert it, e.g. "
-                        f"iconv -f UTF-16LE -t UTF-8 {path} > converted{Path(path).suffix}")
-
-
-def _not_utf8(path: str, data: bytes, exc: UnicodeDecodeError) -> str:
-    column = len(data[: exc.start].decode("utf-8", errors="replace")) + 1
-    return (f"the text is not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); the file is probably "
-            "in another encoding (Latin-1, Windows-1252 ...): convert it to UTF-8, e.g. iconv -f WINDOWS-1252 "
-            f"-t UTF-8 {path} > converted{Path(path).suffix}")
-
-
-def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
-        head = f.read(4096)
-        _check_text_encoding(path, head)
-        f.seek(len(_UTF8_BOM) if head.startswith(_UTF8_BOM) else 0)
-        for lineno, data in enumerate(f, 1):
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield lineno, BadLine("not_utf8", _not_utf8(path, data, exc))
-                continue
-            if line.strip():
-                yield lineno, line
-
-
-def location(source: Source, index: int) -> str:
-    """Human-readable place of a record, for error messages."""
-    if source.kind == "jsonl":
-        return f"{source.name}:{index}"
-    return f"{source.name}: record {index}"
-
-
-def parse_raw(raw: Any, source: Source, index: int) -> Any:
-    """A raw JSON-lines text becomes an object (``RecordError`` if it is not JSON, nested deeper
-    than ``MAX_DEPTH`` or holds unpaired surrogate escapes); a ``BadLine`` raises its error."""
-    if isinstance(raw, BadLine):
-        raise RecordError(raw.reason, raw.message, location(source, index))
-    if not isinstance(raw, str):
-        return raw
-    try:
-        value = _loads(raw)
-    except RecordError as exc:
-        raise exc.at(location(source, index)) from None
-    return value
-
-
-def _loads(text: str) -> Any:
-    """``json.loads`` of one record's text, with every failure as a ``RecordError``."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(
-            "invalid_json",
-            f"invalid JSON ({exc.msg} at column {exc.colno}); each line of a .jsonl file must be one JSON object",
-        ) from None
-    except RecursionError:
-        raise RecordError("too_deep", f"the JSON is nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise RecordError("invalid_json", f"the JSON cannot be read: {_clip(str(exc))}") from None
-    check_value(value, text)
-    return value
-
-
-def check_value(value: Any, text: str | None = None) -> None:
-    """Raise ``RecordError`` if ``value`` (a parsed record) nests deeper than ``MAX_DEPTH`` or holds a
-    string that is not valid Unicode (an unpaired surrogate). ``text``: the JSON it was parsed from;
-    the walk is skipped when the text cannot hold either problem (the common case, at C speed)."""
-    if text is not None and not _SURROGATE_ESCAPE.search(text) and text.count("[") + text.count("{") <= MAX_DEPTH:
-        return
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise RecordError("too_deep", f"the record is nested deeper than {MAX_DEPTH} levels")
-        if isinstance(node, str):
-            _check_unicode(node)
-        elif isinstance(node, dict):
-            for key, child in node.items():
-                if isinstance(key, str):
-                    _check_unicode(key)
-                stack.append((child, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
-
-
-def _check_unicode(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise RecordError(
-            "invalid_unicode",
-            f"a string holds U+{ord(text[exc.start]):04X}, an unpaired surrogate (a \\u{ord(text[exc.start]):04x} "
-            "escape without its partner): not a Unicode character. Fix or remove it (a character outside the "
-            "basic plane is written as a pair, e.g. \\ud83d\\ude00)",
-        ) from None
-
-
-def _clip(text: str, n: int = 200) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _iter_json(path: str) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
-        raw = f.read()
-    _check_text_encoding(path, raw[:4096])
-    if raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_start = raw.rfind(b"\n", 0, exc.start) + 1
-        lineno = raw.count(b"\n", 0, exc.start) + 1
-        line = raw[line_start: raw.find(b"\n", exc.start) if b"\n" in raw[exc.start:] else len(raw)]
-        shifted = UnicodeDecodeError(exc.encoding, line, exc.start - line_start, exc.end - line_start, exc.reason)
-        raise DataError(f"{path}:{lineno}: {_not_utf8(path, line, shifted)}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        # A .json file holding JSON lines is common: read it as such if every line parses.
-        lines = [line for line in text.splitlines() if line.strip()]
-        if len(lines) > 1:
-            try:
-                data = [_loads(line) for line in lines]
-            except RecordError:
-                data = None
-            if data is not None:
-                yield from enumerate(data)
-                return
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise DataError(f"{path}: the JSON is nested deeper than Python can read; records need < {MAX_DEPTH} "
-                        "levels") from None
-    except ValueError as exc:
-        raise DataError(f"{path}: the JSON cannot be read: {_clip(str(exc))}") from None
-    if isinstance(data, dict):
-        for key in ("data", "train", "records", "rows"):
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-        else:
-            data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
-    check_text = _SURROGATE_ESCAPE.search(text) is not None or text.count("[") + text.count("{") > MAX_DEPTH
-    for index, record in enumerate(data):
-        if check_text:
-            try:
-                check_value(record)
-            except RecordError as exc:
-                yield index, BadLine(exc.reason, exc.detail)
-                continue
-        yield index, record
-
-
-def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{path}: cannot read the Parquet file ({_clip(str(exc))})") from None
-    index = 0
-    try:
-        for batch in table.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                yield index, row
-                index += 1
-    except Exception as exc:  # a corrupt row group, an unsupported type ...
-        raise DataError(f"{path}: cannot read the Parquet file after record {index} "
-                        f"({type(exc).__name__}: {_clip(str(exc))})") from None
-
-
-def _load_from_disk(path: str):
-    import datasets
-
-    try:
-        data = datasets.load_from_disk(path)
-    except Exception as exc:  # missing/corrupt arrow files, incompatible versions ...
-        raise DataError(f"{path}: cannot load the saved dataset ({type(exc).__name__}: {_clip(str(exc))})") from None
-    if isinstance(data, datasets.DatasetDict):
-        if "train" not in data:
-            raise DataError(
-                f"{path}: the saved DatasetDict has no 'train' split (splits: {', '.join(data)}); "
-                "point at the split's own directory"
-            )
-        data = data["train"]
-    return data
-
-
-def _load_hub(source: Source):
-    import datasets
-
-    try:
-        return datasets.load_dataset(source.path, split=source.split)
-    except Exception as exc:  # offline, missing dataset, missing split ...
-        raise DataError(
-            f"{source.path}: not a local file or directory, and loading it as a Hugging Face hub dataset "
-            f"(split {source.split!r}) failed: {type(exc).__name__}: {exc}"
-        ) from None
-
-
-def source_fingerprint_parts(source: Source) -> list[str]:
-    """Files whose contents identify a source (for the cache key); hub sources use their id."""
-    if source.kind == "hf_hub":
-        return []
-    if source.kind == "hf_disk":
-        return sorted(str(p) for p in Path(source.path).rglob("*") if p.is_file())
-    return [source.path]
