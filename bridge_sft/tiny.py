@@ -319,9 +319,7 @@ def build_tiny_model(
     and the MoE families ``MOE_ARCHS``). ``tie_word_embeddings``: None keeps the
     family's own choice (Gemma ties, the others do not). Weights are fp32.
     """
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch must be one of {sorted(TINY_ARCHS)}, not {arch!r}")
@@ -337,9 +335,19 @@ def build_tiny_model(
         torch_dtype="float32",
         **fields(sizes),
     )
+    randomise = arch not in ("llama", "qwen2", "qwen3")  # those stay as first built: tests and the demo rest on them
+    return _write_random_model(config, tokenizer, out_dir, seed, randomise)
+
+
+def _write_random_model(config, tokenizer, out_dir: str | Path, seed: int, randomise: bool) -> Path:
+    """An fp32 model of ``config`` with seeded random weights (``_randomise_constant_inits`` when ``randomise``),
+    saved with ``tokenizer`` to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if arch not in ("llama", "qwen2", "qwen3"):  # those stay as first built: tests and the demo rest on them
+    if randomise:
         _randomise_constant_inits(model, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -386,20 +394,10 @@ def build_published_tiny_model(out_dir: str | Path, name: str, seed: int = 0, vo
     ``bridge_sft.published_configs.PUBLISHED``, e.g. ``"gemma-3-1b"``, ``"moonlight-16b-a3b"``) to
     ``out_dir`` as ``build_tiny_model`` does: ``published_tiny_config``, random fp32 weights (constant
     initialisations randomised) and a tokenizer of the family's style."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from bridge_sft.published_configs import PUBLISHED
 
     if name not in PUBLISHED:
         raise ValueError(f"name must be one of {sorted(PUBLISHED)}, not {name!r}")
     tokenizer = build_tiny_tokenizer(TINY_ARCHS[PUBLISHED[name][0]][1], vocab_size)
     config = published_tiny_config(name, tokenizer)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomise_constant_inits(model, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _write_random_model(config, tokenizer, out_dir, seed, randomise=True)
