@@ -8,6 +8,11 @@ from pathlib import Path
 
 from bridge_sft.tiny import SAMPLE_DIALOGS
 
+# One tool in OpenAI's format, for the encoding tests' tool-call conversations.
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                   "parameters": {"type": "object",
+                                                                  "properties": {"city": {"type": "string"}}}}}]
+
 
 def dialog_token_samples(
     tokenizer_dir: str | Path,

