@@ -32,16 +32,31 @@ from megatron.core import parallel_state
 from bridge_sft.console import PLAIN_LINE_SECONDS, TrainConsole, format_duration
 
 _COUNTS = "_bridge_sft_token_counts"
+_EVAL_COUNTS = "_bridge_sft_eval_token_counts"
 
 
-def count_tokens(state: GlobalState, loss_mask: torch.Tensor) -> None:
-    """Add one micro-batch's supervised tokens and slots to the step's running counts."""
-    counts = getattr(state, _COUNTS, None)
+def count_tokens(state: GlobalState, loss_mask: torch.Tensor, evaluation: bool = False) -> None:
+    """Add one micro-batch's supervised tokens and slots to the running counts of the training step
+    (or of the evaluation, ``evaluation=True``)."""
+    name = _EVAL_COUNTS if evaluation else _COUNTS
+    counts = getattr(state, name, None)
     if counts is None or counts.device != loss_mask.device:
         counts = torch.zeros(2, dtype=torch.float64, device=loss_mask.device)
-        setattr(state, _COUNTS, counts)
+        setattr(state, name, counts)
     counts[0] += loss_mask.sum()
     counts[1] += loss_mask.numel()
+
+
+def _reduce_counts(state: GlobalState, name: str) -> tuple[float, float]:
+    """This step's (or evaluation's) counts summed over the data- and context-parallel ranks, then zeroed
+    (a collective: every rank calls it)."""
+    counts = getattr(state, name, None)
+    if counts is None:  # not the last pipeline stage: no loss_mask here
+        counts = torch.zeros(2, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    supervised, slots = counts.tolist()
+    counts.zero_()
+    return supervised, slots
 
 
 class TokenThroughput(Callback):
@@ -53,6 +68,17 @@ class TokenThroughput(Callback):
         self._window = [0.0, 0.0, 0.0]
         self._step_start = 0.0
         self.last_step = (0.0, 0.0, 0.0)  # supervised tokens, slots, seconds of the latest step
+        self.evaluations: list[tuple[int, float]] = []  # (iteration, supervised tokens) of each evaluation
+
+    def on_eval_start(self, context) -> None:
+        counts = getattr(context.state, _EVAL_COUNTS, None)
+        if counts is not None:
+            counts.zero_()
+
+    def on_eval_end(self, context) -> None:
+        supervised, _ = _reduce_counts(context.state, _EVAL_COUNTS)
+        (supervised,) = _from_last_stage([supervised])
+        self.evaluations.append((context.state.train_state.step, supervised))
 
     def on_train_step_start(self, context) -> None:
         self._step_start = time.perf_counter()
@@ -60,12 +86,7 @@ class TokenThroughput(Callback):
     def on_train_step_end(self, context) -> None:
         seconds = time.perf_counter() - self._step_start
         state = context.state
-        counts = getattr(state, _COUNTS, None)
-        if counts is None:  # not the last pipeline stage: no loss_mask here
-            counts = torch.zeros(2, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        supervised, slots = counts.tolist()
-        counts.zero_()
+        supervised, slots = _reduce_counts(state, _COUNTS)
         for key, value in (("supervised_tokens", supervised), ("slot_tokens", slots), ("seconds", seconds)):
             self.totals[key] += value
         self.totals["steps"] += 1
@@ -217,7 +238,9 @@ class Progress(Callback):
         self.validation[iteration] = loss
         if self.console.draws and not math.isnan(loss):
             when = f"at iteration {iteration}" if self._training else f"after training (iteration {iteration})"
-            self.console.say(f"validation {when}: loss {loss:.4f} (perplexity {math.exp(min(loss, 700)):,.1f})")
+            covered = self.throughput.evaluations[-1][1] if self.throughput.evaluations else 0
+            over = f", {covered:,.0f} supervised tokens" if covered else ""
+            self.console.say(f"validation {when}: loss {loss:.4f} (perplexity {math.exp(min(loss, 700)):,.1f}{over})")
 
     def on_checkpoint_save(self, context) -> None:
         if self.console.draws:
@@ -242,6 +265,7 @@ class LossHistory(Callback):
     def __init__(self) -> None:
         self.train: dict[int, float] = {}
         self.validation: dict[int, float] = {}
+        self.evaluations: list[tuple[int, float]] = []  # every evaluation, in order (also the one after training)
 
     def on_train_step_end(self, context) -> None:
         if context.loss_dict and "lm loss" in context.loss_dict:
@@ -249,7 +273,9 @@ class LossHistory(Callback):
 
     def on_eval_end(self, context) -> None:
         if context.total_loss_dict and "lm loss" in context.total_loss_dict:
-            self.validation[context.state.train_state.step] = float(context.total_loss_dict["lm loss"])
+            loss = float(context.total_loss_dict["lm loss"])
+            self.validation[context.state.train_state.step] = loss
+            self.evaluations.append((context.state.train_state.step, loss))
 
 
 class AdapterTokenizer(Callback):

@@ -115,8 +115,8 @@ def forward_step(
         vp_stage=vp_stage,
     )
     state.timers("batch-generator").stop()
-    if model.training and loss_mask is not None:
-        count_tokens(state, loss_mask)  # supervised vs padded-slot tokens/s (bridge_sft.callbacks)
+    if loss_mask is not None:  # supervised vs padded-slot tokens/s, and what an evaluation covered (callbacks)
+        count_tokens(state, loss_mask, evaluation=not model.training)
 
     packed_seq_params = None
     if packed_seq_metadata is not None:

@@ -16,10 +16,11 @@ import warnings
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.finetune import finetune
 
-from bridge_sft import bridge_fixes, moe, runtime
+from bridge_sft import bridge_fixes, eval_samples, moe, runtime
+from bridge_sft.callbacks import AdapterTokenizer, Progress, TokenThroughput
+from bridge_sft.eval_samples import EvalSamples
 from bridge_sft.models import check_model
 from bridge_sft.step import forward_step
-from bridge_sft.callbacks import AdapterTokenizer, TokenThroughput
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def use_per_token_loss(config: ConfigContainer) -> ConfigContainer:
 def check_config(config: ConfigContainer, world_size: int | None = None) -> None:
     """Reject configs that cannot train correctly; warn about ones that train differently.
     ``world_size``: the number of processes of the run, when known (checked against the parallelism)."""
+    eval_samples.check(config)
     moe.check_moe_config(config, world_size)
     if not config.model.calculate_per_token_loss:
         warnings.warn(MEAN_OF_MEANS_WARNING, stacklevel=2)
@@ -97,7 +99,8 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     ``callbacks``: Bridge ``Callback``s, run after our ``TokenThroughput``
     (supervised and slot tokens/s in the log) and ``AdapterTokenizer`` (the tokenizer beside
     a LoRA run's HF adapter); a ``TokenThroughput`` among them is used as that one (the
-    console's progress line reads it).
+    console's progress line reads it). ``EvalSamples`` (greedy answers at each evaluation) is
+    added when the dataset asks for ``eval_samples``, unless one is among them.
     ``forward_step_func``: another forward step (benchmarks and tests wrap ours).
     Returns the run's token totals: supervised tokens, slot tokens, seconds, steps.
     """
@@ -106,12 +109,47 @@ def run(config: ConfigContainer, device: str = "auto", callbacks=None, forward_s
     _single_process_rendezvous()
     bridge_fixes.apply()
     check_config(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    plan_full_validation(config)
     callbacks = list(callbacks or [])
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None) or TokenThroughput()
     callbacks = [throughput, AdapterTokenizer(), *moe.callbacks_for(config, callbacks),
                  *(c for c in callbacks if c is not throughput)]
+    if getattr(config.dataset, "eval_samples", 0) and config.validation.eval_iters and \
+            not any(isinstance(c, EvalSamples) for c in callbacks):
+        console = next((c.console for c in callbacks if isinstance(c, Progress)), None)
+        callbacks.append(EvalSamples(config.dataset.eval_samples, config.dataset.eval_sample_tokens, console))
     finetune(config, forward_step_func, callbacks=callbacks)
     return throughput.totals
+
+
+def plan_full_validation(config: ConfigContainer) -> int | None:
+    """Make every evaluation cover the whole held-out set exactly once; returns its item count (None when the
+    dataset provider is not ours or holds nothing out).
+
+    Bridge 0.6.2 evaluates ``validation.eval_iters`` global batches drawn from one stream of validation items
+    (megatron-LM's ``full_validation`` switch is not in Bridge), so with a fixed ``eval_iters`` each evaluation
+    sees another window of the data, and two evaluations of the same weights differ. Here ``eval_iters`` becomes
+    the number of global batches one pass over the held-out items needs (validation and test, whichever is
+    larger), and the provider lays each pass out on a pass boundary (``SFTDatasetProvider.eval_pass_items``), so
+    the validation loss is a function of the weights alone, whatever the micro-batch size, packing or
+    parallelism. A ``validation.eval_iters`` set by hand is replaced (logged).
+    """
+    dataset = config.dataset
+    if not hasattr(dataset, "held_out_items"):
+        return None
+    if not config.validation.eval_iters:  # 0: the user turned evaluation off
+        return None
+    items = max(dataset.held_out_items("validation"), dataset.held_out_items("test"))
+    if not items:
+        return None
+    batch = config.validation.eval_global_batch_size or config.train.global_batch_size
+    eval_iters = -(-items // batch)
+    if config.validation.eval_iters != eval_iters and int(os.environ.get("RANK", "0")) == 0:
+        logger.info("validation.eval_iters=%s replaced by %d: every evaluation covers the %d held-out items once "
+                    "(global batch %d)", config.validation.eval_iters, eval_iters, items, batch)
+    config.validation.eval_iters = eval_iters
+    dataset.eval_pass_items = eval_iters * batch
+    return items
 
 
 def _single_process_rendezvous() -> None:

@@ -53,6 +53,11 @@ def test_train_tiny_from_the_command_line_hf_in_hf_out(tiny_llama, tmp_path):
     assert sorted(shown) == list(range(1, 13))  # log_interval=1: a line per iteration, loss of that iteration
     assert all(abs(shown[i] - losses[i]) < 1e-4 for i in shown), (shown, losses)
     assert "validation at iteration 6: loss" in proc.stdout
+    # Every evaluation is one pass over the same held-out samples: the same weights give the same line.
+    last = re.search(r"^validation at iteration 12: (loss .*)$", proc.stdout, re.M)
+    after = re.search(r"^validation after training \(iteration 12\): (loss .*)$", proc.stdout, re.M)
+    assert last and after and last.group(1) == after.group(1), proc.stdout
+    assert "200 samples held out for validation (all of them at every evaluation)" in proc.stdout
     assert "checkpoint saved at iteration 12" in proc.stdout and "done: 12 iterations" in proc.stdout
     assert re.search(rf"^  full log +{re.escape(str(log_path))}", proc.stdout, re.M)
     assert not ALARMING.search(console), console

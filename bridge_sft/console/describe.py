@@ -57,7 +57,8 @@ def describe_run(config, data_summary: dict | list[dict] | None = None,
 def describe_data(summary: dict | list[dict], dataset=None) -> str:
     """One line: sources, samples, tokens, supervised tokens, and what was cut or skipped.
     ``summary``: the data's, or one per source of a mixture (added up; the sources named)."""
-    if isinstance(summary, list):
+    mixture = isinstance(summary, list)
+    if mixture:
         names = ", ".join(spec.name for spec in dataset.sources()) if hasattr(dataset, "sources") else "data"
         summary = _add_summaries(summary)
     else:
@@ -72,10 +73,17 @@ def describe_data(summary: dict | list[dict], dataset=None) -> str:
     text += "".join(f", {n:,} {what}" for what, n in cut.items() if n)
     validation = getattr(dataset, "validation_path", None)
     fraction = getattr(dataset, "validation_fraction", 0)
+    samples = getattr(dataset, "validation_samples", 0)
     if validation:
         text += f"; validation: {validation}"
     elif fraction:
         text += f"; {fraction:.0%} held out for validation"
+    elif samples:
+        from bridge_sft.data.provider import held_out_count
+
+        held = f"up to {samples:,} samples of each source" if mixture else \
+            f"{held_out_count(summary.get('samples', 0), samples):,} samples"
+        text += f"; {held} held out for validation (all of them at every evaluation)"
     return text
 
 

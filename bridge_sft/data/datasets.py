@@ -261,6 +261,42 @@ def plan_packs(data: PreparedData, indices: np.ndarray, seq_length: int, pad_seq
     return pack_best_fit(slots, seq_length)
 
 
+class FullPassDataset(torch.utils.data.Dataset):
+    """Evaluation items: one pass over ``items`` (a dataset of exactly its held-out items, in a fixed order)
+    per ``pass_items`` dataset indices, ``num_samples`` indices in all.
+
+    An evaluation of ``eval_iters`` global batches reads ``pass_items = eval_iters x global batch`` consecutive
+    indices (Bridge's sequential sampler, resumed at ``consumed_valid_samples``), so each evaluation starts at a
+    pass boundary and sees every held-out item exactly once, whatever the micro-batch size or the
+    data-parallel split of the global batch. The ``pass_items - len(items)`` indices that fill the last
+    global batch repeat items with ``loss_mask`` zero: they add no loss and no token to the count that
+    divides it. Items keep every other key (``cu_seqlens``, ``source_id``), so batches stay well formed.
+    """
+
+    def __init__(self, items: torch.utils.data.Dataset, pass_items: int, num_samples: int, name: str = "validation"):
+        if not 0 < len(items) <= pass_items:
+            raise ValueError(f"{name}: a pass of {pass_items} items cannot hold the {len(items)} held-out items")
+        self.items, self.pass_items, self.num_samples = items, int(pass_items), int(num_samples)
+        logger.info("%s: every evaluation covers all %d items once (+%d that supervise nothing, to fill the "
+                    "last global batch)", name, len(items), self.pass_items - len(items))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} items")
+        j = index % self.pass_items
+        item = self.items[j % len(self.items)]
+        if j >= len(self.items):
+            item = {**item, "loss_mask": torch.zeros_like(item["loss_mask"])}
+        return item
+
+    def collate_fn(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        collate = getattr(self.items, "collate_fn", None) or torch.utils.data.default_collate
+        return collate(batch)
+
+
 class MixedDataset(torch.utils.data.Dataset):
     """Items of several per-source datasets in the order of a ``MixturePlan``.
 

@@ -362,6 +362,18 @@ def plan_mixture(
     return MixturePlan(owner[order], position, draws, samples, tokens, w, mix_by)
 
 
+def one_pass_plan(items: Sequence[SourceItems]) -> MixturePlan:
+    """Every item of every source once, source after source, each in its own order: one pass over
+    held-out data (``SFTDatasetProvider.eval_pass_items``), where a weighted draw would count some
+    samples twice and others never."""
+    draws = np.array([len(item.samples) for item in items], dtype=np.int64)
+    samples = np.array([int(item.samples.sum()) for item in items], dtype=np.int64)
+    tokens = np.array([int(item.tokens.sum()) for item in items], dtype=np.int64)
+    return MixturePlan(np.repeat(np.arange(len(items), dtype=np.int16), draws),
+                       np.concatenate([np.arange(n, dtype=np.int64) for n in draws]), draws, samples, tokens,
+                       samples / max(int(samples.sum()), 1), "samples")
+
+
 def plan_sources(specs: Sequence[SourceSpec], prepared: Sequence, *, seq_length: int, packing: bool,
                  pad_seq_to_mult: int = 1, mix_by: str = "samples", num_items: int | None = None,
                  seed: int = 1234) -> tuple[list[SourceItems], MixturePlan]:

@@ -26,6 +26,7 @@ from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 from bridge_sft.data.cache import EncodeOptions, PreparedData, format_summary, prepare
 from bridge_sft.data.datasets import (
     EpochOrder,
+    FullPassDataset,
     MixedDataset,
     PackedSFTDataset,
     SFTDataset,
@@ -40,6 +41,7 @@ from bridge_sft.data.mixing import (
     format_mixture,
     is_mixture,
     mixture_weights,
+    one_pass_plan,
     parse_sources,
     plan_mixture,
     source_items,
@@ -75,7 +77,14 @@ class SFTDatasetProvider(DatasetProvider):
     without their own). ``on_bad_record`` (``error``, ``skip``). Splits: ``validation_path`` / ``test_path`` (one source), or per-source
     ``validation`` files, or ``validation_fraction`` / ``test_fraction`` of each
     source's records (chosen with ``seed``; at least one sample per source of a
-    mixture). ``packing``: THD packs (micro-batch size 1); ``pad_seq_to_mult``: pad
+    mixture), or else ``validation_samples`` held out of each source (at most a fifth
+    of it: ``held_out_count``). ``eval_pass_items``: when set (``bridge_sft.train``
+    sets it from ``held_out_items``), every evaluation covers each held-out sample
+    exactly once: the validation and test datasets repeat one pass of their items in
+    a fixed order, padded to ``eval_pass_items`` with items that supervise no token
+    (``datasets.FullPassDataset``); None: a stream of ``valid_samples`` items as for
+    training. ``eval_samples``: that many held-out prompts answered greedily (at most
+    ``eval_sample_tokens`` tokens) at each evaluation (``bridge_sft.eval_samples``). ``packing``: THD packs (micro-batch size 1); ``pad_seq_to_mult``: pad
     each packed sample to a multiple (2 x context parallel size). Without packing,
     ``padding="longest"`` pads each micro-batch to its longest sample rounded up to
     ``pad_to_multiple`` (and to the context-parallel 2 x CP and tensor-parallel
@@ -117,7 +126,11 @@ class SFTDatasetProvider(DatasetProvider):
     validation_path: str | list[str] | None = None
     test_path: str | list[str] | None = None
     validation_fraction: float = 0.0
+    validation_samples: int = 0
     test_fraction: float = 0.0
+    eval_pass_items: int | None = None
+    eval_samples: int = 0
+    eval_sample_tokens: int = 48
     num_proc: int | None = None
     dataloader_type: Literal["single", "cyclic", "batch", "external"] | None = "single"
     num_workers: int = 0
@@ -133,6 +146,9 @@ class SFTDatasetProvider(DatasetProvider):
                 raise DataError(f"{name} must be in [0, 1), not {value!r}")
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise DataError("validation_fraction + test_fraction must leave some training data (< 1)")
+        if isinstance(self.validation_samples, bool) or not isinstance(self.validation_samples, int) \
+                or self.validation_samples < 0:
+            raise DataError(f"validation_samples must be a whole number >= 0, not {self.validation_samples!r}")
         if self.pad_seq_to_mult < 1 or self.seq_length % self.pad_seq_to_mult:
             raise DataError(
                 f"seq_length {self.seq_length} must be a multiple of pad_seq_to_mult {self.pad_seq_to_mult}"
@@ -160,7 +176,25 @@ class SFTDatasetProvider(DatasetProvider):
         return [s.name for s in specs if self._has_validation(s)] if is_mixture(specs) else []
 
     def _has_validation(self, spec: SourceSpec) -> bool:
-        return spec.validation is not None or self.validation_fraction > 0
+        return spec.validation is not None or self.validation_fraction > 0 or self.validation_samples > 0
+
+    def _n_valid(self, n: int, mixture: bool) -> int:
+        """Samples held out of a source of ``n`` for validation (no validation file given)."""
+        if self.validation_fraction > 0:
+            return _held_out(n, self.validation_fraction) if mixture else int(round(n * self.validation_fraction))
+        return held_out_count(n, self.validation_samples)
+
+    def held_out_items(self, split: str) -> int:
+        """Items (packs, or samples without packing) one pass over the ``validation`` or ``test`` split holds,
+        all sources together: what one evaluation must cover. Prepares (or loads) the data."""
+        specs = self.sources()
+        parts = self._mixture_splits(specs)[split] if is_mixture(specs) else [self._single_splits(specs[0])[split]]
+        total = 0
+        for data, indices in parts:
+            if len(indices):
+                total += len(plan_packs(data, indices, self.seq_length, self.pad_seq_to_mult)) if self.packing \
+                    else len(indices)
+        return total
 
     def encode_options(self, spec: SourceSpec | None = None) -> EncodeOptions:
         """Encoding options of a source (its own format/columns/train_on/system prompt, else the provider's)."""
@@ -204,22 +238,8 @@ class SFTDatasetProvider(DatasetProvider):
         pad_multiple = self._pad_multiple(context)
         if is_mixture(specs):
             return self._build_mixture(specs, wanted, pad_multiple)
-        spec = specs[0]
-        validation_path = self.validation_path if spec.validation is None else list(spec.validation)
-        train_data = self.prepare(list(spec.paths), spec)
-        n = len(train_data)
-        perm = np.random.default_rng(self.seed).permutation(n)
-        n_valid = int(round(n * self.validation_fraction)) if validation_path is None else 0
-        n_test = int(round(n * self.test_fraction)) if self.test_path is None else 0
-        splits = {
-            "validation": (train_data, np.sort(perm[:n_valid])),
-            "test": (train_data, np.sort(perm[n_valid: n_valid + n_test])),
-            "train": (train_data, np.sort(perm[n_valid + n_test:])),
-        }
-        for name, path in (("validation", validation_path), ("test", self.test_path)):
-            if path is not None:
-                data = self.prepare(path, spec)
-                splits[name] = (data, np.arange(len(data)))
+        splits = self._single_splits(specs[0])
+        validation_path = self.validation_path if specs[0].validation is None else specs[0].validation
         if self.validation_fraction and validation_path is not None:
             logger.warning("validation_path is set: validation_fraction is ignored")
         if self.test_fraction and self.test_path is not None:
@@ -243,11 +263,48 @@ class SFTDatasetProvider(DatasetProvider):
                     )
                 datasets[name] = None
                 continue
-            dataset, summary = self._dataset(data, indices, wanted[name], name, self.seed, pad_multiple)
+            if name != "train" and self.eval_pass_items is not None:
+                one_pass, summary = self._dataset(data, indices, None, name, self.seed, pad_multiple)
+                dataset = FullPassDataset(one_pass, self.eval_pass_items, wanted[name], name=name)
+            else:
+                dataset, summary = self._dataset(data, indices, wanted[name], name, self.seed, pad_multiple)
             if _rank() == 0:
                 logger.info("%s data (%d of %d samples):\n%s", name, len(indices), len(data), format_summary(summary))
             datasets[name] = dataset
         return datasets["train"], datasets["validation"], datasets["test"]
+
+    def held_out_samples(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """The first ``n`` samples of the validation split (taken from the sources in turn) as ``(ids,
+        loss_mask)`` lists, as training encoded them."""
+        specs = self.sources()
+        parts = self._mixture_splits(specs)["validation"] if is_mixture(specs) else \
+            [self._single_splits(specs[0])["validation"]]
+        out = []
+        for k in range(max((len(idx) for _, idx in parts), default=0)):
+            for data, indices in parts:
+                if k < len(indices) and len(out) < n:
+                    out.append(tuple(a.tolist() for a in data.sample(int(indices[k]))))
+        return out
+
+    def _single_splits(self, spec: SourceSpec) -> dict[str, tuple[PreparedData, np.ndarray]]:
+        """``{split: (data, indices)}`` of one source: held-out samples drawn with ``seed``, or the
+        validation/test files."""
+        validation_path = self.validation_path if spec.validation is None else list(spec.validation)
+        train_data = self.prepare(list(spec.paths), spec)
+        n = len(train_data)
+        perm = np.random.default_rng(self.seed).permutation(n)
+        n_valid = self._n_valid(n, mixture=False) if validation_path is None else 0
+        n_test = int(round(n * self.test_fraction)) if self.test_path is None else 0
+        splits = {
+            "validation": (train_data, np.sort(perm[:n_valid])),
+            "test": (train_data, np.sort(perm[n_valid: n_valid + n_test])),
+            "train": (train_data, np.sort(perm[n_valid + n_test:])),
+        }
+        for name, path in (("validation", validation_path), ("test", self.test_path)):
+            if path is not None:
+                data = self.prepare(path, spec)
+                splits[name] = (data, np.arange(len(data)))
+        return splits
 
     def _pad_multiple(self, context: DatasetBuildContext) -> int | None:
         """Rows of a dynamically padded micro-batch are a multiple of this (None: pad to seq_length),
@@ -292,22 +349,7 @@ class SFTDatasetProvider(DatasetProvider):
     def _build_mixture(self, specs: list[SourceSpec], wanted: dict[str, int], pad_multiple: int | None):
         """One dataset per source and split, mixed by ``mixing.plan_mixture`` (see ``bridge_sft.data.mixing``)."""
         prepared = [self.prepare(list(s.paths), s) for s in specs]
-        splits: dict[str, list] = {"train": [], "validation": [], "test": []}
-        for i, (spec, data) in enumerate(zip(specs, prepared)):
-            n = len(data)
-            perm = np.random.default_rng([self.seed, i + 1]).permutation(n)
-            n_valid = _held_out(n, self.validation_fraction) if spec.validation is None else 0
-            n_test = _held_out(n - n_valid, self.test_fraction)
-            splits["train"].append((data, np.sort(perm[n_valid + n_test:])))
-            splits["test"].append((data, np.sort(perm[n_valid: n_valid + n_test])))
-            if spec.validation is not None:
-                valid = self.prepare(list(spec.validation), spec)
-                splits["validation"].append((valid, np.arange(len(valid))))
-            else:
-                splits["validation"].append((data, np.sort(perm[:n_valid])))
-            if not len(splits["train"][-1][1]):
-                raise DataError(f"source {spec.name}: the training split is empty")
-
+        splits = self._mixture_splits(specs)
         supervised = {id(data): supervised_per_sample(data) for split in splits.values() for data, _ in split}
         items = {split: [source_items(data, idx, self.seq_length, self.packing, self.pad_seq_to_mult,
                                       supervised[id(data)]) for data, idx in splits[split]] for split in splits}
@@ -334,13 +376,37 @@ class SFTDatasetProvider(DatasetProvider):
             )
         return datasets["train"], datasets["validation"], datasets["test"]
 
+    def _mixture_splits(self, specs: list[SourceSpec]) -> dict[str, list[tuple[PreparedData, np.ndarray]]]:
+        """``{split: [(data, indices) per source]}``, each source split with its own seed."""
+        splits: dict[str, list] = {"train": [], "validation": [], "test": []}
+        for i, spec in enumerate(specs):
+            data = self.prepare(list(spec.paths), spec)
+            n = len(data)
+            perm = np.random.default_rng([self.seed, i + 1]).permutation(n)
+            n_valid = self._n_valid(n, mixture=True) if spec.validation is None else 0
+            n_test = _held_out(n - n_valid, self.test_fraction)
+            splits["train"].append((data, np.sort(perm[n_valid + n_test:])))
+            splits["test"].append((data, np.sort(perm[n_valid: n_valid + n_test])))
+            if spec.validation is not None:
+                valid = self.prepare(list(spec.validation), spec)
+                splits["validation"].append((valid, np.arange(len(valid))))
+            else:
+                splits["validation"].append((data, np.sort(perm[:n_valid])))
+            if not len(splits["train"][-1][1]):
+                raise DataError(f"source {spec.name}: the training split is empty")
+        return splits
+
     def _mix(self, split, specs, parts, items, weights, source_index, num_items, pad_multiple, with_source_id):
         """One split's ``MixedDataset``: the plan of ``num_items`` items, one dataset per source."""
         shuffle = split == "train"
+        full_pass = split != "train" and self.eval_pass_items is not None
         seeds = [(self.seed, i + 1) for i in source_index]
         orders = [EpochOrder(len(item.samples), None, seed, shuffle) for item, seed in zip(items, seeds)]
-        plan = plan_mixture([o.permutation for o in orders], [i.samples for i in items], [i.tokens for i in items],
-                            weights, num_items, self.mix_by)
+        if full_pass:  # every held-out item of every source once (not a weighted draw)
+            plan = one_pass_plan(items)
+        else:
+            plan = plan_mixture([o.permutation for o in orders], [i.samples for i in items],
+                                [i.tokens for i in items], weights, num_items, self.mix_by)
         datasets = []
         for k, ((data, indices), item, seed) in enumerate(zip(parts, items, seeds)):
             pad_id = int(data.summary.get("pad_id", 0))
@@ -361,7 +427,16 @@ class SFTDatasetProvider(DatasetProvider):
                       "supervised_tokens": int(item.tokens.sum())} for (data, indices), item in zip(parts, items)]
             logger.info("%s\n", format_mixture(split, names, plan, stats, [len(i.samples) for i in items],
                                                self.packing))
-        return MixedDataset(datasets, plan, names, with_source_id=with_source_id)
+        mixed = MixedDataset(datasets, plan, names, with_source_id=with_source_id)
+        return FullPassDataset(mixed, self.eval_pass_items, num_items, name=split) if full_pass else mixed
+
+
+def held_out_count(n: int, samples: int) -> int:
+    """Samples ``validation_samples`` holds out of a source of ``n``: ``samples``, at most a fifth of the
+    source (small data still trains on most of itself), at least one when ``samples > 0`` and ``n >= 2``."""
+    if samples <= 0 or n < 2:
+        return 0
+    return max(1, min(samples, n // 5))
 
 
 def _held_out(n: int, fraction: float) -> int:

@@ -53,7 +53,8 @@ def sft(
     output_dir: str = "outputs/sft",
     seq_length: int = 2048,
     validation_data: str | list[str] | None = None,
-    validation_fraction: float = 0.02,
+    validation_samples: int = 200,
+    validation_fraction: float | None = None,
     packing: bool = True,
     padding: str = "longest",
     mix_by: str = "samples",
@@ -81,6 +82,8 @@ def sft(
     lora_targets: list[str] | None = None,
     eval_interval: int | None = 100,
     eval_iters: int = 8,
+    eval_samples: int = 0,
+    eval_sample_tokens: int = 48,
     save_interval: int | None = 100,
     save_hf: bool = False,
     log_interval: int = 1,
@@ -93,8 +96,16 @@ def sft(
     weighted sources (``["chat.jsonl:0.7", "code.jsonl:0.3"]``, ``PATH:Nx`` for epochs, or
     ``{path, weight, format, columns, train_on, system_prompt, validation}`` mappings),
     mixed by ``mix_by`` (``"samples"`` or ``"tokens"``; see ``bridge_sft.data.mixing``);
-    or pass a ready ``dataset`` provider. Validation uses ``validation_data``, or else a
-    ``validation_fraction`` of ``data`` (of each source) held out (chosen with ``seed``).
+    or pass a ready ``dataset`` provider. Validation uses ``validation_data``, or else
+    ``validation_samples`` of ``data`` (of each source; at most a fifth of it) held out, chosen with
+    ``seed`` (``validation_fraction``, if given, holds out that share instead). 200 by default: a
+    fixed number, so that small data keeps most of itself for training and large data does not spend
+    its evaluations on thousands of samples (one pass over 200 costs a few training steps' worth of
+    forward passes). Every evaluation covers the whole
+    held-out set once (``bridge_sft.train.plan_full_validation``): ``eval_iters`` is then derived
+    from its size, and is used as given only with another ``dataset`` provider. ``eval_samples``: at each
+    evaluation, the greedy answers (at most ``eval_sample_tokens`` tokens) to that many fixed held-out
+    prompts, from the model being trained (``bridge_sft.eval_samples``).
     ``padding`` (``packing=False``): ``"longest"`` pads each micro-batch to its longest
     sample (a multiple of 64 and of the parallelism's needs; pipeline stages then
     exchange shapes, ``model.variable_seq_lengths``), ``"seq_length"`` pads every sample
@@ -147,10 +158,13 @@ def sft(
             mix_by=mix_by,
             train_on=train_on,
             validation_path=validation_data,
-            validation_fraction=0.0 if validation_data else validation_fraction,
+            validation_fraction=0.0 if validation_data else (validation_fraction or 0.0),
+            validation_samples=0 if validation_data or validation_fraction else validation_samples,
             pad_seq_to_mult=2 * context_parallel if context_parallel > 1 else 1,
             cache_dir=os.path.join(output_dir, "data_cache"),
             seed=seed,
+            eval_samples=eval_samples,
+            eval_sample_tokens=eval_sample_tokens,
         )
 
     config = ConfigContainer(
