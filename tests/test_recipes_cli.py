@@ -269,6 +269,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "multimodal": ["train", "tiny", f"hf_path={gemma3_mm}", f"output_dir={out}"],
         "convert_missing": ["convert", "import", str(tmp_path / "nope"), str(tmp_path / "converted")],
         "lr_below_min_lr": ["train", "tiny", *ok, "lr=1e-5"],  # tiny's min_lr is 2e-4
+        "eval_samples_pp": ["train", "tiny", *ok, "eval_samples=2", "pipeline_parallel=2"],
     }
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
@@ -288,6 +289,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "multimodal": "bridge-sft convert text-only",
         "convert_missing": "nope: no such directory",
         "lr_below_min_lr": "optimizer.min_lr=0.0002 is above optimizer.lr=1e-05",
+        "eval_samples_pp": "eval_samples=2 decodes with the model of the training process",
     }
     for name, phrase in expect.items():
         result = results[name]
