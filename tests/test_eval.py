@@ -82,7 +82,8 @@ def test_batched_answers_equal_hf_generate_one_prompt_at_a_time(llama, tmp_path)
     prompts = [t.prompt_ids for t in eval_turns(encoder, conversations)]
     assert len({len(p) for p in prompts}) == len(prompts) == 4  # four different lengths: real left padding
     # The prompt is training's rendering of the conversation before the turn, with the generation prompt.
-    assert prompts[1] == tokenizer.apply_chat_template(DIALOGS[0]["messages"][:4], add_generation_prompt=True)["input_ids"]
+    expected = tokenizer.apply_chat_template(DIALOGS[0]["messages"][:4], add_generation_prompt=True)["input_ids"]
+    assert prompts[1] == expected
     new = 12
 
     def one_by_one(stop_ids):
@@ -91,8 +92,8 @@ def test_batched_answers_equal_hf_generate_one_prompt_at_a_time(llama, tmp_path)
         out = []
         for p in prompts:
             with torch.no_grad():
-                ids = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                     generation_config=config)
+                ids = model.generate(input_ids=torch.tensor([p]), generation_config=config,
+                                     attention_mask=torch.ones(1, len(p), dtype=torch.long))
             out.append(ids[0, len(p):].tolist())
         return out
 
@@ -224,3 +225,14 @@ def test_megatron_checkpoint_answers_as_its_hf_model(tiny_llama, tmp_path):
     report = evaluate(megatron, data, baseline=tiny_llama, max_new_tokens=6, hf_config=str(tiny_llama), device="cpu")
     assert [r["answer"] for r in report.rows] == [r["baseline_answer"] for r in report.rows]
     assert report.summary["difference"]["loss"] == pytest.approx(0, abs=1e-5)
+
+
+def test_python_api_takes_message_lists(tiny_llama):
+    from bridge_sft.evaluation import evaluate
+
+    report = evaluate(tiny_llama, [DIALOGS[0]["messages"], DIALOGS[1]["messages"]], max_new_tokens=3, batch_size=2)
+    assert [(r["where"], r["turn"], r["reference"]) for r in report.rows] == [
+        ("conversation 1", 2, "Machines that think."), ("conversation 1", 4, "Machines that learn from data."),
+        ("conversation 2", 1, "Hello there.")]
+    assert report.summary["baseline"] is None and report.summary["turns"] == 3
+    assert all(r["answer_tokens"] == 3 for r in report.rows)  # the random model never stops early

@@ -88,8 +88,6 @@ def evaluate(model: str | Path, conversations, baseline: str | Path | None = Non
         conversations, skipped = read_conversations(conversations, options)
     else:
         conversations = as_located(list(conversations))
-    if skipped.count:
-        say(skipped.describe())
     if not conversations:
         raise DataError("no conversation with an assistant turn to evaluate"
                         + (f" ({skipped.describe()})" if skipped.count else " (the data is empty)"))
@@ -129,15 +127,16 @@ def _run_model(path, hf_config, conversations: list[LocatedConversation], option
     except Exception as exc:  # a directory whose weights or config transformers cannot read
         raise UserError(f"{path}: the model does not load ({type(exc).__name__}: {exc})") from None
     encoder = make_encoder(EncodeOptions(**{**options.__dict__, "tokenizer_path": str(path)}), chat.tokenizer)
-    turns = eval_turns(encoder, conversations)
+    turns = eval_turns(encoder, conversations, lambda ids: chat.tokenizer.decode(ids, skip_special_tokens=True))
     stop_ids = chat._stop_ids()  # the end-of-turn ids bridge-sft chat stops at
     pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else stop_ids[0]
     if settings["temperature"] > 0:
         torch.manual_seed(0)
+    on_progress = progress(str(path), len(turns)) if progress else None
     timer = Throughput()
     answers = generate_answers(chat.model, [t.prompt_ids for t in turns], stop_ids=stop_ids, pad_id=pad_id,
                                max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
-                               temperature=settings["temperature"], progress=progress(str(path), len(turns)) if progress else None)
+                               temperature=settings["temperature"], progress=on_progress)
     throughput = timer.stop(answers).as_dict()
     losses = reference_losses(chat.model, [(t.target_ids, t.target_mask) for t in turns], pad_id=pad_id,
                               batch_size=settings["batch_size"])

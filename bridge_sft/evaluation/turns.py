@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bridge_sft.data.chunks import _chunks
 from bridge_sft.data.encoding import ChatEncoder, load_tools
@@ -117,10 +117,12 @@ def as_located(conversations: list[Any]) -> list[LocatedConversation]:
     return out
 
 
-def eval_turns(encoder: ChatEncoder, conversations: list[LocatedConversation]) -> list[EvalTurn]:
+def eval_turns(encoder: ChatEncoder, conversations: list[LocatedConversation],
+               decode: Callable[[list[int]], str] | None = None) -> list[EvalTurn]:
     """One ``EvalTurn`` per trainable assistant message, in data order; a turn the template cannot
-    render is a ``DataError`` naming its record."""
-    decode = encoder.backend.decode
+    render is a ``DataError`` naming its record. ``decode(ids)``: the reference's text without special
+    tokens (default: the encoder's tokenizer; pass the one that decodes the answers)."""
+    decode = decode or (lambda ids: encoder.backend.decode(ids, skip_special_tokens=True))
     turns = []
     for item in conversations:
         conv = item.conversation
@@ -134,7 +136,7 @@ def eval_turns(encoder: ChatEncoder, conversations: list[LocatedConversation]) -
             except RecordError as exc:
                 raise DataError(f"{item.where}: assistant turn {i}: {exc.detail}") from None
             prompt_ids = encoder.backend.encode(prompt_text, add_special_tokens=False).ids
-            reference = decode(ids[mask.astype(bool)].tolist(), skip_special_tokens=True).strip()
+            reference = decode(ids[mask.astype(bool)].tolist()).strip()
             turns.append(EvalTurn(item.where, i, prompt_text, list(prompt_ids), reference, ids.tolist(),
                                   mask.tolist()))
     return turns
