@@ -211,10 +211,10 @@ def test_bad_inputs_get_one_line(tiny_llama, tmp_path, capfd):
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {bad_weights}: the model does not load (")
 
 
-@pytest.mark.extended
 def test_megatron_checkpoint_answers_as_its_hf_model(tiny_llama, tmp_path):
     """A Megatron checkpoint (imported from the tiny Llama, exported back on the fly as bridge-sft chat does)
-    gives the HF model's answers and losses."""
+    gives the HF model's answers and losses. Cheap after the bad-input test, which already set up the runtime
+    (about 6 s more on 2 cores; 30+ s alone, mostly importing megatron)."""
     from bridge_sft import runtime
     from bridge_sft.conversion import import_hf
     from bridge_sft.evaluation import evaluate
