@@ -1,6 +1,6 @@
 """The ``bridge-sft`` command line.
 
-Sub-commands live in one module each (``data``, ``train``, ``convert``, ``chat``, ``demo``)
+Sub-commands live in one module each (``data``, ``train``, ``convert``, ``chat``, ``eval``, ``demo``)
 and register themselves with ``add_parser(subparsers)``; each sets
 ``func(args) -> int``. Heavy imports (torch, megatron) happen inside the
 handlers, so ``bridge-sft --help`` is instant.
@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("data", "train", "convert", "chat", "demo")
+SUBCOMMANDS = ("data", "train", "convert", "chat", "eval", "demo")
 
 
 class UserError(Exception):
