@@ -7,11 +7,13 @@
 2. Write the task's data: "Write the date 1987-03-09 in words." -> "9 March 1987". Dates drawn at
    random; the held-out dates are never trained on. The model cannot do it before training (it
    echoes the date back), and it answers a few general-knowledge questions right.
-3. Ask the model the held-out and general-knowledge questions (greedy decoding, HF transformers), and
-   let it answer 96 everyday questions: its own answers become rehearsal data (half the training mix).
+3. Ask the model the general-knowledge questions (greedy decoding, HF transformers), and let it answer
+   96 everyday questions: its own answers become rehearsal data (half the training mix).
 4. Fine-tune with ``bridge-sft train`` (LoRA on every linear layer, fp32, CPU).
 5. Merge the LoRA adapter into an HF checkpoint with ``bridge-sft convert export``.
-6. Ask the exported model the same questions, and print a before/after table.
+6. ``bridge-sft eval`` the exported model on the held-out dates with the base model as ``--baseline``
+   (exact match, token F1, ROUGE-L, the loss of the reference answers, side by side), ask it the
+   general questions again, and print a before/after table.
 
 Why these settings (README, "A real fine-tune on a CPU"): trained on dates alone, the model learns that
 every question is answered with a date. A full fine-tune (lr 1e-4) and LoRA at lr 1e-3 both reach 100 %
@@ -120,20 +122,14 @@ def answer_all(model_dir: Path, questions: list[str], max_new_tokens: int = 48,
     return answers
 
 
-def evaluate(model_dir: Path, test: list, label: str) -> dict:
-    """Exact match on the held-out task questions and the general-knowledge checks."""
-    print(f"\n== {label}: answering {len(test)} held-out questions and {len(KNOWLEDGE)} general ones ({model_dir})")
-    questions = [q for q, _ in test] + [q for q, _ in KNOWLEDGE]
-    answers = answer_all(model_dir, questions)
-    task_answers, knowledge_answers = answers[:len(test)], answers[len(test):]
-    exact = sum(got == want for got, (_, want) in zip(task_answers, test)) / len(test)
-    knowledge = {q: (want in got, got) for got, (q, want) in zip(knowledge_answers, KNOWLEDGE)}
-    for (question, want), got in list(zip(test, task_answers))[:3]:
-        print(f"  {question} -> {got!r} (want {want!r})")
+def knowledge_check(model_dir: Path, label: str) -> dict:
+    """The general-knowledge checks: ``{question: (right, answer)}`` (right: the answer contains the word)."""
+    print(f"\n== {label}: answering {len(KNOWLEDGE)} general questions ({model_dir})")
+    answers = answer_all(model_dir, [q for q, _ in KNOWLEDGE])
+    knowledge = {q: (want in got, got) for got, (q, want) in zip(answers, KNOWLEDGE)}
     for question, (ok, got) in knowledge.items():
         print(f"  {'ok  ' if ok else 'LOST'} {question} -> {got!r}")
-    print(f"  exact match {exact:.0%}, general knowledge {sum(ok for ok, _ in knowledge.values())}/{len(KNOWLEDGE)}")
-    return {"exact_match": exact, "knowledge": knowledge}
+    return knowledge
 
 
 def bridge_sft(*args: str) -> None:
@@ -173,8 +169,8 @@ def main() -> dict:
     print(f"task: {len(train)} training and {len(test)} held-out questions in {out / 'data'}, e.g.")
     print(f"  {train[0][0]} -> {train[0][1]}")
 
-    # 3. The model before training.
-    before = evaluate(base, test, "before training")
+    # 3. What the model knows before training.
+    before = {"knowledge": knowledge_check(base, "before training")}
 
     # 4. Fine-tune through `bridge-sft train` (a fresh run: earlier checkpoints would be resumed).
     shutil.rmtree(out / "run", ignore_errors=True)
@@ -200,12 +196,24 @@ def main() -> dict:
     shutil.rmtree(exported, ignore_errors=True)
     bridge_sft("convert", "export", str(out / "run" / "checkpoints"), str(exported))
 
-    # 6. The exported model after training, and the table.
-    after = evaluate(exported, test, "after training")
+    # 6. The held-out task, before and after: `bridge-sft eval` answers every held-out question with the
+    # fine-tuned model and with the base model (--baseline), and scores both; then the general questions.
+    bridge_sft("eval", str(exported), str(out / "data" / "test.jsonl"), "--baseline", str(base),
+               "--out", str(out / "eval"), "--max-new-tokens", "48")
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text().splitlines()]
+    for row in rows[:3]:
+        print(f"  want {row['reference']!r}: base {row['baseline_answer']!r}, fine-tuned {row['answer']!r}")
+    before["exact_match"], before["eval"] = summary["baseline"]["exact_match"], summary["baseline"]
+    after = {"exact_match": summary["model"]["exact_match"], "eval": summary["model"],
+             "knowledge": knowledge_check(exported, "after training")}
     total = time.perf_counter() - started
     print(f"\n{'':48} {'before':>8} {'after':>8}")
     print(f"{'held-out exact match (' + str(len(test)) + ' dates)':48} {before['exact_match']:>8.0%} "
           f"{after['exact_match']:>8.0%}")
+    for key, label in (("f1", "held-out token F1"), ("rouge_l", "held-out ROUGE-L"),
+                       ("loss", "held-out reference loss (nats/token)")):
+        print(f"{label:48} {before['eval'][key]:>8.3f} {after['eval'][key]:>8.3f}")
     for question, _ in KNOWLEDGE:
         mark = {True: "right", False: "WRONG"}
         print(f"{question:48} {mark[before['knowledge'][question][0]]:>8} {mark[after['knowledge'][question][0]]:>8}")

@@ -70,7 +70,7 @@ class Chat:
         sampling = temperature > 0
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
-            top_p=None, top_k=None, eos_token_id=self._stop_ids(),
+            top_p=None, top_k=None, eos_token_id=self.stop_ids(),
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id,
         )
@@ -79,7 +79,7 @@ class Chat:
             output = self.model.generate(**inputs, generation_config=config, streamer=streamer)
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    def _stop_ids(self) -> list[int]:
+    def stop_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
         if self.tokenizer.eos_token_id is not None:

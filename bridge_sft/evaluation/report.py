@@ -128,7 +128,7 @@ def _run_model(path, hf_config, conversations: list[LocatedConversation], option
         raise UserError(f"{path}: the model does not load ({type(exc).__name__}: {exc})") from None
     encoder = make_encoder(EncodeOptions(**{**options.__dict__, "tokenizer_path": str(path)}), chat.tokenizer)
     turns = eval_turns(encoder, conversations, lambda ids: chat.tokenizer.decode(ids, skip_special_tokens=True))
-    stop_ids = chat._stop_ids()  # the end-of-turn ids bridge-sft chat stops at
+    stop_ids = chat.stop_ids()  # the end-of-turn ids bridge-sft chat stops at
     pad_id = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else stop_ids[0]
     if settings["temperature"] > 0:
         torch.manual_seed(0)
