@@ -65,7 +65,7 @@ def main(args) -> int:
 def _train(args, console) -> int:
     enable_runtime(args.device)
     from bridge_sft.recipes.resolve import ConfigError, build_config
-    from bridge_sft.train import check_config, run
+    from bridge_sft.train import check_config, lost_rank_error, run
 
     try:
         config = build_config(args.recipe, args.overrides)
@@ -97,7 +97,13 @@ def _train(args, console) -> int:
         console.configure(config)  # warnings: all to the log, the console filters
         callbacks = progress_callbacks(console)
         console.start_status("Bridge is setting up: model, weights, optimizer, data loaders")
-        run(config, device=args.device, callbacks=callbacks)
+        try:
+            run(config, device=args.device, callbacks=callbacks)
+        except Exception as exc:  # a dead peer: say so and how to resume, instead of gloo's or NCCL's words
+            lost = lost_rank_error(exc, config.checkpoint.save)
+            if lost is None:
+                raise
+            raise lost from exc
         progress = callbacks[-1]
         console.table(f"done: {progress.totals['steps']} iterations", summary_rows(progress, console))
     except DataError as exc:
