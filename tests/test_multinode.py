@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import REPO, free_port, run_python
+from launch import REPO, free_port
 
 from bridge_sft.tiny import SAMPLE_DIALOGS
 
@@ -78,21 +78,39 @@ class Nodes:
     def console(self, node: int) -> str:
         return self.consoles[node].read_text()
 
-    def kill_node(self, node: int) -> None:
-        """SIGKILL every process of ``node``: its torchrun and the ranks it started (torchrun starts them in
-        sessions of their own, so killing torchrun alone leaves them running, as an orphaned job step)."""
+    def kill_node(self, node: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to every process of ``node``: its torchrun and the ranks it started (torchrun starts
+        them in sessions of their own, so killing torchrun alone leaves them running)."""
         import psutil
 
         agent = psutil.Process(self.procs[node].pid)
         for proc in [agent, *agent.children(recursive=True)]:
             try:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
+
+    def wait_for_checkpoint(self, marker: Path, iteration: int, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while not (marker.is_file() and int(marker.read_text()) >= iteration):
+            assert all(p.poll() is None for p in self.procs), self.console(0)[-3000:] + self.console(1)[-3000:]
+            assert time.monotonic() < deadline, f"no checkpoint at iteration {iteration}"
+            time.sleep(0.2)
+
+    def survivor_exit(self, node: int, bound: float) -> tuple[int, float]:
+        """Node ``node``'s exit code and seconds until it exited (fails the test past ``bound`` seconds)."""
+        start = time.monotonic()
+        try:
+            code = self.procs[node].wait(timeout=bound)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node {node} still running {bound} s after the other node was lost:\n"
+                        f"{self.console(node)[-3000:]}")
+        return code, time.monotonic() - start
 
     def close(self) -> None:
         for node in (0, 1):
             if self.procs[node].poll() is None:
+                self.kill_node(node, signal.SIGCONT)
                 self.kill_node(node)
                 self.procs[node].wait()
 
@@ -199,30 +217,21 @@ def test_a_dead_node_stops_the_other_with_one_line_and_the_rerun_resumes(tiny_ll
     marker = shared / "checkpoints" / "latest_checkpointed_iteration.txt"
     nodes = Nodes(tmp_path, [*args, "train_iters=100000"], "first")
     try:
-        deadline = time.monotonic() + 900
-        while not (marker.is_file() and int(marker.read_text()) >= 20):
-            assert all(p.poll() is None for p in nodes.procs), nodes.console(0)[-3000:] + nodes.console(1)[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at iteration 20"
-            time.sleep(0.2)
+        nodes.wait_for_checkpoint(marker, 20)
         time.sleep(1.0)  # a few iterations past the checkpoint
         nodes.kill_node(1)
-        killed = time.monotonic()
-        try:
-            code = nodes.procs[0].wait(timeout=SURVIVOR_BOUND_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"node 0 still running {SURVIVOR_BOUND_S} s after node 1 died:\n{nodes.console(0)[-3000:]}")
-        detected = time.monotonic() - killed
+        code, detected = nodes.survivor_exit(0, SURVIVOR_BOUND_S)
     finally:
         nodes.close()
     assert code != 0
     last = int(marker.read_text())
     console = nodes.console(0)
     (line,) = [line for line in console.splitlines() if line.startswith("bridge-sft train failed on rank")]
-    assert re.search(r"LostRankError: another rank of this job died or stopped answering \(Connection closed by "
-                     r"peer \[127\.0\.0\.1\]:\d+; 2 ranks\)\. Rerun the same command on every node: it resumes "
+    assert re.search(r"LostRankError: another rank of this job died or stopped answering \(Connection (closed|reset) "
+                     r"by peer 127\.0\.0\.1:\d+; 2 ranks\)\. Rerun the same command on every node: it resumes "
                      rf"from the last checkpoint \(iteration {last} in {re.escape(str(shared / 'checkpoints'))}\)",
                      line), line
-    print(f"node 0 exited {detected:.1f} s after node 1 died; last checkpoint: iteration {last}")
+    print(f"node 0 exited {detected:.1f} s after node 1 was killed; last checkpoint: iteration {last}")
 
     before = _losses(shared / "logs" / "rank1.log")
     assert max(before) > last  # it had trained past the checkpoint: the rerun repeats those iterations
@@ -237,6 +246,30 @@ def test_a_dead_node_stops_the_other_with_one_line_and_the_rerun_resumes(tiny_ll
     resumed = {int(i) for i, _ in ITERATION_LOSS.findall(rerun_log)}
     assert sorted(resumed) == [last + 1, last + 2], resumed
     print(f"the rerun resumed at iteration {last + 1}")
+
+
+@pytest.mark.extended
+def test_a_silent_node_stops_the_other_after_the_collective_timeout(tiny_llama, tmp_path):
+    """Node 1 stops answering (all its processes SIGSTOPped: a machine or network gone, its sockets left
+    open): node 0 notices when Bridge's dist.distributed_timeout_minutes (here 1) runs out in gloo, and
+    exits with the same one line."""
+    shared = tmp_path / "shared"
+    args = [f"hf_path={tiny_llama}", f"output_dir={shared}", "save_interval=20", "train_iters=100000",
+            "dist.distributed_timeout_minutes=1", *COMMON]
+    marker = shared / "checkpoints" / "latest_checkpointed_iteration.txt"
+    nodes = Nodes(tmp_path, args, "silent")
+    try:
+        nodes.wait_for_checkpoint(marker, 20)
+        nodes.kill_node(1, signal.SIGSTOP)
+        code, detected = nodes.survivor_exit(0, 60 + SURVIVOR_BOUND_S)
+    finally:
+        nodes.close()
+    assert code != 0
+    (line,) = [line for line in nodes.console(0).splitlines() if line.startswith("bridge-sft train failed on rank")]
+    assert re.search(r"LostRankError: another rank of this job died or stopped answering \(Timed out waiting "
+                     r"60000ms for \w+ operation; 2 ranks\)\. Rerun the same command on every node: it resumes "
+                     r"from the last checkpoint \(iteration \d+ in ", line), line
+    print(f"node 0 exited {detected:.1f} s after node 1 fell silent (distributed_timeout_minutes=1)")
 
 
 def test_slurm_example_launches_torchrun_with_the_rendezvous_from_slurm(tmp_path):
