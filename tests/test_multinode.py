@@ -275,7 +275,8 @@ def test_a_dead_node_stops_the_other_with_one_line_and_the_rerun_resumes(tiny_ll
 
     before = _losses(shared / "logs" / "rank1.log")
     assert {last + 1, last + 2} <= set(before)  # trained past the checkpoint: the rerun repeats those iterations
-    rerun = Nodes(tmp_path, [*args, f"train_iters={last + 2}"], "rerun")
+    # The same command, stopped two iterations past the checkpoint (train_iters unchanged: the same schedule).
+    rerun = Nodes(tmp_path, [*args, "train_iters=100000", f"train.exit_interval={last + 2}"], "rerun")
     try:
         codes = rerun.wait()
     finally:
