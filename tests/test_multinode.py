@@ -213,7 +213,8 @@ GLOO_CLOSED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.c
                "[10.0.0.2]:61134. This is typically caused by a remote worker crashing. Check the logs of the "
                "remote worker before reporting an error. GLHF!")
 GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:20708: "
-              "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+              "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "
+              "application.")
 GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting "
                 "60000ms for send operation to complete")
 
