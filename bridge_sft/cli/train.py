@@ -16,6 +16,7 @@ summary; ``OUTPUT_DIR/logs/rank{N}.log`` holds everything (``bridge_sft.console`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -97,7 +98,13 @@ def _train(args, console) -> int:
         console.configure(config)  # warnings: all to the log, the console filters
         callbacks = progress_callbacks(console)
         console.start_status("Bridge is setting up: model, weights, optimizer, data loaders")
-        run(config, device=args.device, callbacks=callbacks)
+        try:
+            run(config, device=args.device, callbacks=callbacks)
+        except Exception as exc:  # a dead peer: say so and how to resume, instead of gloo's or NCCL's words
+            lost = lost_rank_error(exc, config.checkpoint.save)
+            if lost is None:
+                raise
+            raise lost from exc
         progress = callbacks[-1]
         console.table(f"done: {progress.totals['steps']} iterations", summary_rows(progress, console))
     except DataError as exc:
@@ -124,3 +131,49 @@ def _remove_unfinished(created: list[str], checkpoint_dir: str | None, log: Path
         kept = f" (its log stays: {log})" if log is not None else ""
         print(f"bridge-sft: stopped before the first checkpoint; removed the folders this run had created{kept}.",
               file=sys.stderr)
+
+
+class LostRankError(RuntimeError):
+    """Another rank of the job died or stopped answering in a collective (a node lost, a process killed)."""
+
+
+# What gloo and NCCL raise on the ranks that survive a dead peer. A peer process that dies while its machine
+# lives closes its sockets, and gloo fails at once ("Connection closed by peer [ADDR]:PORT", "Read error
+# [ADDR]:PORT: Connection reset by peer"); a peer that stops answering (machine down, network partition,
+# frozen process) is only noticed when the collective's timeout, Bridge's ``dist.distributed_timeout_minutes``,
+# runs out ("Timed out waiting ...", NCCL's watchdog).
+_LOST_PEER = re.compile(
+    r"Connection (?:closed|reset) by peer|Timed out waiting \d+ms for \w+ operation"
+    r"|NCCL communicator was aborted|Watchdog caught collective operation timeout"
+    r"|remote process exited or there was a network error"
+)
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:(\d+)")  # gloo's "[127.0.0.1]:20708"
+
+
+def lost_rank_error(exc: BaseException, checkpoint_dir: str | None) -> LostRankError | None:
+    """A ``LostRankError`` saying what was lost and how to go on, if ``exc`` (or an exception it was raised
+    from) is a collective failing because of a dead or silent peer; else None.
+
+    Which rank died is not known here: gloo names the peer's address (its node), NCCL nothing; the dead
+    rank's own console and ``logs/rank{N}.log`` stop where it died."""
+    seen = exc
+    while seen is not None:
+        found = _LOST_PEER.search(str(seen))
+        if found:
+            address = _PEER_ADDRESS.search(str(seen))
+            peer = f" {address.group(1)}:{address.group(2)}" if address and "by peer" in found.group(0) else ""
+            return LostRankError(
+                f"another rank of this job died or stopped answering ({found.group(0)}{peer}; "
+                f"{os.environ.get('WORLD_SIZE', '1')} ranks). Rerun the same command on every node: "
+                f"{_resume_point(checkpoint_dir)}."
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _resume_point(checkpoint_dir: str | None) -> str:
+    """Where a rerun starts, from Bridge's ``latest_checkpointed_iteration.txt``."""
+    marker = Path(checkpoint_dir, "latest_checkpointed_iteration.txt") if checkpoint_dir else None
+    if marker is not None and marker.is_file():
+        return f"it resumes from the last checkpoint (iteration {marker.read_text().strip()} in {checkpoint_dir})"
+    return "no checkpoint was saved yet, so it starts from the beginning"
