@@ -18,6 +18,8 @@ never two training processes at a time. What the default run does:
 | step overhead | ``benchmarks/step_overhead.py`` | 2 processes x 48 interleaved iterations |
 | model families | ``benchmarks/families.py`` | ``quick``: 4 rotating rounds over every tiny family |
 | dynamic padding | ``benchmarks/dynamic_padding.py`` | ``quick``: bundled data, 40 interleaved iterations |
+| validation | ``benchmarks/validation.py`` | ``quick``: 3 training processes of 6 iterations |
+| eval generation | ``benchmarks/eval_generation.py`` | ``quick``: tiny Llama, 24 prompts, 2 rounds |
 
 ``--full`` runs every benchmark with ``quick=False`` (step overhead: 3 x 60).
 Results: ``results.md`` and ``results.json`` in ``--out-dir`` (default ``outputs/bench``);
@@ -57,6 +59,8 @@ BENCHMARKS: dict[str, tuple[str, dict, dict]] = {
     "step_overhead": ("benchmarks.step_overhead", {"quick": True, "repeats": 2, "iters": 48}, {"quick": False}),
     "families": ("benchmarks.families", {"quick": True}, {"quick": False}),
     "dynamic_padding": ("benchmarks.dynamic_padding", {"quick": True}, {"quick": False}),
+    "validation": ("benchmarks.validation", {"quick": True}, {"quick": False}),
+    "eval_generation": ("benchmarks.eval_generation", {"quick": True}, {"quick": False}),
 }
 
 _CHILD = """
@@ -197,7 +201,24 @@ def _summary_dynamic_padding(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _summary_validation(rows: list[dict]) -> list[dict]:
+    return [_line("validation", f"seconds per evaluation, {r['variant']} ({r['supervised tokens per evaluation']:,.0f} "
+                  f"supervised tokens; loss spread at lr 0: {r['loss spread at lr 0']:.2g})",
+                  f"{r['seconds per evaluation']:.2f} s", "sampled window (eval_iters=2)",
+                  r["time ratio vs sampled window"], "variant / sampled window (>1: costs more)")
+            for r in rows if not r["variant"].startswith("sampled")]
+
+
+def _summary_eval_generation(rows: list[dict]) -> list[dict]:
+    return [_line("bridge-sft eval", f"answers/s, {r['model']} ({r['prompts']} prompts, batch {r['batch_size']}, "
+                  f"same answers: {r.get('same_answers')})", round(r["answers_per_s"], 2), "HF generate one by one",
+                  r["speedup_vs_one_by_one"], "batched / one by one (>1: batched faster)")
+            for r in rows if r.get("way") == "batched"]
+
+
 SUMMARIES = {
+    "validation": _summary_validation,
+    "eval_generation": _summary_eval_generation,
     "families": _summary_families,
     "loss_path": _summary_loss_path,
     "data_preprocessing": _summary_data_preprocessing,
