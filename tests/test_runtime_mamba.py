@@ -216,3 +216,44 @@ def test_gated_rms_norm_variants():
     torch.testing.assert_close(mamba.rms_norm_gated(x, w, z=z, eps=1e-5, group_size=8, norm_before_gate=False),
                                (gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + 1e-5)).view(3, 16) * w)
     assert not math.isnan(float(mamba.rms_norm_gated(torch.zeros(2, 16), w, group_size=8).sum()))
+
+
+SERVING_FACTS = """
+import sys, json
+import bridge_sft
+from megatron.core.ssm import mamba_mixer
+from megatron.core import utils
+from bridge_sft.runtime import mamba
+try:
+    import mamba_ssm  # noqa: F401  (this module is not served)
+    importable = True
+except ImportError:
+    importable = False
+print("FACTS", json.dumps({
+    "have_mamba_ssm": mamba_mixer.HAVE_MAMBA_SSM,
+    "scan_is_ours": mamba_mixer.mamba_split_conv1d_scan_combined is mamba.mamba_split_conv1d_scan_combined,
+    "conv_is_ours": mamba_mixer.causal_conv1d_fn is mamba.causal_conv1d_fn,
+    "norm_is_ours": issubclass(mamba_mixer.ExtendedRMSNorm, mamba.RMSNormGated),
+    "packing_supported": mamba_mixer._check_mamba_sequence_packing_support(for_inference_not_training=False)[0],
+    "importable_elsewhere": importable,
+    "in_sys_modules": [m for m in ("mamba_ssm", "causal_conv1d") if m in sys.modules],
+}))
+"""
+
+
+def test_mamba_kernels_are_served_to_megatrons_mixer_only():
+    """Without mamba_ssm / causal_conv1d, megatron-core's MambaMixer (and the version checks in
+    megatron.core.utils) get bridge_sft.runtime.mamba; no other module sees those packages."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from launch import REPO
+
+    proc = subprocess.run([sys.executable, "-c", SERVING_FACTS], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.split("FACTS ", 1)[1].splitlines()[0])
+    assert facts == {"have_mamba_ssm": True, "scan_is_ours": True, "conv_is_ours": True, "norm_is_ours": True,
+                     "packing_supported": True, "importable_elsewhere": False, "in_sys_modules": []}, facts
