@@ -22,7 +22,8 @@ from transformers import AutoConfig
 from bridge_sft.published_configs import PUBLISHED, lost_fields
 from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS, build_published_tiny_model
 
-TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3")  # custom TE spec + windows; sinks + biased MoE; MLA + MoE
+# custom TE spec + windows; sinks + biased MoE; MLA + MoE; Mamba-2 hybrid (its MoE variant: extended)
+TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3", "nemotron_h")
 
 
 def test_every_family_matches_hf_through_the_forward_step(tmp_path):
