@@ -56,6 +56,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _follow_gemma3_layer_types(provider, hf_config)
     _packed_attention_for_gemma2(provider)
     _mla_latent_norm_eps(provider)
+    _no_experts_without_moe_layers(provider, hf_config)
     return provider
 
 
@@ -115,6 +116,18 @@ def _check_nemotron_h_mamba(hf_path: str, hf_config) -> None:
             raise UnsupportedModelError(
                 f"{hf_path}: Nemotron-H with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
                 f"mixer only builds {field}={supported!r} (as every published Nemotron-H and Nemotron 3 model has).")
+
+
+def _no_experts_without_moe_layers(provider, hf_config) -> None:
+    """Bridge's Nemotron-H bridge sets ``num_moe_experts`` from ``n_routed_experts`` even when the layer pattern
+    has no MoE layer ("E"): a dense Nemotron-H (8B, Nano 4B) then reads as an 8-expert MoE model (transformers'
+    NemotronHConfig default), which megatron-core's checks and bridge_sft's router-loss handling act on. No
+    layer is built differently; clear the experts so the model is the dense model it is."""
+    pattern = getattr(provider, "hybrid_layer_pattern", None)
+    if getattr(hf_config, "model_type", "") == "nemotron_h" and pattern and "E" not in pattern:
+        provider.num_moe_experts = None
+        provider.moe_shared_expert_intermediate_size = provider.moe_ffn_hidden_size = None
+        provider.moe_router_num_groups = provider.moe_router_group_topk = None
 
 
 def _gpt_oss_dtype_from_checkpoint(provider, hf_config) -> None:
