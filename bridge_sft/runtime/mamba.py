@@ -186,19 +186,24 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, ini
         same = sq.unsqueeze(-1) == sq.unsqueeze(-2)  # [b, c, l, s]
         last = sq[..., -1]  # [b, c]: the sequence alive at each chunk's end
 
+    # Heads as [groups, heads per group]: B and C are read per group, never copied per head.
+    r = heads_per_group
+    Xg = X.view(b, c, cl, g, r, p)
+
     # 1. inside each chunk: y_l += sum_{s <= l, same sequence} C_l.B_s exp(sum dA(s, l]) X_s
     decay = torch.exp(_segsum_masked(dA))  # [b, h, c, l, s]
     if same is not None:
         decay = decay * same.unsqueeze(1)
-    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc).repeat_interleave(heads_per_group, dim=1)  # [b, h, c, l, s]
-    y = torch.einsum("bhcls,bcshp->bclhp", CB * decay, X)
+    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # [b, g, c, l, s]
+    scores = decay.view(b, g, r, c, cl, cl) * CB.unsqueeze(2)
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", scores, Xg).reshape(b, c, cl, h, p)
 
     # 2. each chunk's own state at its end (tokens of the sequence alive at the end only)
     to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # [b, h, c, l]
     if same is not None:
         to_end = to_end * (sq == last.unsqueeze(-1)).unsqueeze(1)
-    Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, to_end, X)
+    chunk_states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", Bc, to_end.view(b, g, r, c, cl), Xg)
+    chunk_states = chunk_states.reshape(b, c, h, p, n)
 
     # 3. states between chunks: H_c = chunk_states_c + exp(sum dA over chunk c) H_{c-1} (same sequence)
     state = (torch.zeros(b, h, p, n, dtype=torch.float32, device=x.device) if initial_states is None
@@ -220,12 +225,12 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, ini
     if seq_idx is not None:
         before = torch.cat([seq_idx[:, :1].to(torch.int64), last[:, :-1]], dim=1)  # [b, c]
         from_start = from_start * (sq == before.unsqueeze(-1)).unsqueeze(1)
-    Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, entering, from_start)
+    y = y + torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, entering.view(b, c, g, r, p, n),
+                         from_start.view(b, g, r, c, cl)).reshape(b, c, cl, h, p)
 
     states_at = None
     if state_positions is not None:
-        states_at = _states_after(state_positions, chunk_size, entering, from_start, decay, Bh, X)
+        states_at = _states_after(state_positions, chunk_size, entering, from_start, decay, Bc, X, r)
     y = y.reshape(b, total, h, p)[:, :length]
     if D is not None:
         Df = D.float()
@@ -235,7 +240,7 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, ini
     return y.to(dtype), state, states_at
 
 
-def _states_after(positions, chunk_size, entering, from_start, decay, Bh, X):
+def _states_after(positions, chunk_size, entering, from_start, decay, Bc, X, heads_per_group):
     """The scan state right after each (batch, position) in ``positions`` ``[k, 2]``: the entering state of
     its chunk decayed to it plus the chunk's own tokens up to it (same-sequence masks already in
     ``from_start`` and ``decay``)."""
@@ -244,7 +249,8 @@ def _states_after(positions, chunk_size, entering, from_start, decay, Bh, X):
         ci, li = divmod(int(pos), chunk_size)
         state = from_start[bi, :, ci, li][:, None, None] * entering[bi, ci]
         weights = decay[bi, :, ci, li, :li + 1]  # [h, s]
-        state = state + torch.einsum("hs,shn,shp->hpn", weights, Bh[bi, ci, :li + 1], X[bi, ci, :li + 1])
+        Bh = Bc[bi, ci, :li + 1].repeat_interleave(heads_per_group, dim=1)  # [s, h, n]
+        state = state + torch.einsum("hs,shn,shp->hpn", weights, Bh, X[bi, ci, :li + 1])
         out.append(state)
     return torch.stack(out)
 
