@@ -343,8 +343,8 @@ def _nemotron_h_moe(s):
     """Nemotron 3 Nano: the MLP layers are MoE layers (sigmoid router with expert bias, top 2 of 4, a shared
     expert, routed scaling 2.5)."""
     return {**_nemotron_h(s), "layers_block_type": ["mamba", "moe", "mamba", "attention", "moe"],
-            "n_routed_experts": s.num_experts, "num_experts_per_tok": 2, "moe_intermediate_size": s.moe_intermediate_size,
-            "moe_shared_expert_intermediate_size": 2 * s.moe_intermediate_size, "n_shared_experts": 1,
+            "n_routed_experts": s.num_experts, "num_experts_per_tok": 2,
+            "moe_intermediate_size": s.moe_intermediate_size, "moe_shared_expert_intermediate_size": 2 * s.moe_intermediate_size, "n_shared_experts": 1,
             "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": True}
 
 

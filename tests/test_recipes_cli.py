@@ -128,8 +128,8 @@ MOE_PUBLISHED = {
 
 # Mamba-2 hybrids (published config.json fields): nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 and -Nano-4B-BF16.
 _NEMOTRON_H = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "mamba_hidden_act": "silu",
-               "conv_kernel": 4, "expand": 2, "use_conv_bias": True, "mamba_proj_bias": False, "mlp_hidden_act": "relu2",
-               "layer_norm_epsilon": 1e-5, "vocab_size": 131072, "tie_word_embeddings": False,
+               "conv_kernel": 4, "expand": 2, "use_conv_bias": True, "mamba_proj_bias": False,
+               "mlp_hidden_act": "relu2", "layer_norm_epsilon": 1e-5, "vocab_size": 131072, "tie_word_embeddings": False,
                "torch_dtype": "bfloat16"}
 HYBRID_PUBLISHED = {
     "nemotron3_nano_30b_a3b": {**_NEMOTRON_H, "hidden_size": 2688, "num_hidden_layers": 52,
