@@ -53,6 +53,11 @@ def _build(hf_dir):
 
 
 def _step(model, batch):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    # megatron-core's MoE metrics tracker is process-global and sized by the first MoE model that records:
+    # this process times models of different depths (Nemotron 3's 5 layers after 2-layer MoE families).
+    get_moe_metrics_tracker()._metrics.clear()
     model.zero_grad(set_to_none=True)
     losses = model(**batch)
     losses.sum().backward()
