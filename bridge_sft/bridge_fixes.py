@@ -21,6 +21,7 @@ def apply() -> None:
     _post_layernorm_epsilon()
     _expert_bias_with_padding_mask()
     _mla_query_projection_without_norm()
+    _nemotron_h_embedding_name()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -112,3 +113,44 @@ def _mla_query_projection_without_norm() -> None:
 
     _resolve_mla_qk_layernorm._bridge_sft_fixed = True
     QKNormConfigResolver._resolve_mla_qk_layernorm = _resolve_mla_qk_layernorm
+
+
+# The two names a Nemotron-H checkpoint gives its embedding: NVIDIA's published checkpoints (and Bridge's
+# mapping) `backbone.embeddings.weight`; transformers 5 saves `backbone.embedding.weight` (its conversion
+# mapping renames `backbone.` -> `model.` and `embedding.weight` -> `embeddings.weight` on load, and reverses both
+# on save).
+_NEMOTRON_H_EMBEDDING = "backbone.embeddings.weight"
+_NEMOTRON_H_EMBEDDING_SAVED_BY_HF = "backbone.embedding.weight"
+
+
+def _nemotron_h_embedding_name() -> None:
+    """Bridge's ``NemotronHBridge`` maps the embedding to ``backbone.embeddings.weight`` only, so a Nemotron-H
+    checkpoint written by transformers 5 (``save_pretrained``: ``backbone.embedding.weight``; any fine-tune saved
+    with HF, every tiny model here) loads with its embedding left at random initialisation, after one log
+    warning ("Can't find backbone.embeddings.weight in hf_keys"). Same on a GPU. Map the embedding to the name
+    the checkpoint being read has (and export under that name, so a round trip keeps the names)."""
+    from megatron.bridge.models.nemotronh.nemotron_h_bridge import NemotronHBridge
+
+    if getattr(NemotronHBridge, "_bridge_sft_fixed_embedding", False):
+        return
+    build_tasks, registry = NemotronHBridge.build_conversion_tasks, NemotronHBridge.mapping_registry
+
+    def build_conversion_tasks(self, hf_pretrained, megatron_model, *args, **kwargs):
+        source = getattr(getattr(hf_pretrained, "state", None), "source", None)
+        if source is not None:
+            keys = set(source.get_all_keys())
+            saved_by_hf = _NEMOTRON_H_EMBEDDING_SAVED_BY_HF in keys and _NEMOTRON_H_EMBEDDING not in keys
+            self._bridge_sft_embedding = _NEMOTRON_H_EMBEDDING_SAVED_BY_HF if saved_by_hf else None
+        return build_tasks(self, hf_pretrained, megatron_model, *args, **kwargs)
+
+    def mapping_registry(self):
+        mappings = registry(self)
+        name = getattr(self, "_bridge_sft_embedding", None)
+        for mapping in mappings.mappings if name else ():
+            if mapping.hf_param == _NEMOTRON_H_EMBEDDING:
+                mapping.hf_param = name
+        return mappings
+
+    NemotronHBridge.build_conversion_tasks = build_conversion_tasks
+    NemotronHBridge.mapping_registry = mapping_registry
+    NemotronHBridge._bridge_sft_fixed_embedding = True

@@ -56,6 +56,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _follow_gemma3_layer_types(provider, hf_config)
     _packed_attention_for_gemma2(provider)
     _mla_latent_norm_eps(provider)
+    _no_experts_without_moe_layers(provider, hf_config)
     return provider
 
 
@@ -82,6 +83,15 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
             "scores each group by its top num_experts_per_tok // topk_group experts in Megatron but by its top 2 in "
             "HF; Megatron-Bridge 0.6.2 would train a different router (published DeepSeek-V3 has 8 // 4 = 2)."
         )
+    if model_type == "falcon_h1":
+        # FalconH1Model.forward and FalconH1Block.forward have no packed_seq_params (the layers do).
+        raise UnsupportedModelError(
+            f"{hf_path}: Falcon-H1 cannot be trained here yet: Megatron-Bridge 0.6.2's FalconH1Model takes no "
+            "packed_seq_params (no packed sequences, no forward step that passes them); Nemotron-H and Nemotron 3 "
+            "are the Mamba-2 hybrids bridge-sft supports."
+        )
+    if model_type == "nemotron_h":
+        _check_nemotron_h_mamba(hf_path, hf_config)
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
         raise UnsupportedModelError(
@@ -89,6 +99,35 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
             f"< num_attention_heads={hf_config.num_attention_heads}) is not supported by Megatron-Bridge 0.6.2's "
             "OLMoE bridge (it assumes one key/value head per query head, as OLMoE-1B-7B has)."
         )
+
+
+def _check_nemotron_h_mamba(hf_path: str, hf_config) -> None:
+    """Mamba settings megatron-core 0.19.2's MambaMixer does not follow (it asserts on some, ignores others):
+    a SiLU convolution activation, no projection bias, a convolution bias, no limit on dt."""
+    limit = tuple(getattr(hf_config, "time_step_limit", (0.0, float("inf"))) or (0.0, float("inf")))
+    unsupported = {
+        "mamba_hidden_act": (getattr(hf_config, "mamba_hidden_act", "silu"), "silu"),
+        "mamba_proj_bias": (getattr(hf_config, "mamba_proj_bias", False), False),
+        "use_conv_bias": (getattr(hf_config, "use_conv_bias", True), True),
+        "time_step_limit": (limit, (0.0, float("inf"))),
+    }
+    for field, (value, supported) in unsupported.items():
+        if value != supported:
+            raise UnsupportedModelError(
+                f"{hf_path}: Nemotron-H with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
+                f"mixer only builds {field}={supported!r} (as every published Nemotron-H and Nemotron 3 model has).")
+
+
+def _no_experts_without_moe_layers(provider, hf_config) -> None:
+    """Bridge's Nemotron-H bridge sets ``num_moe_experts`` from ``n_routed_experts`` even when the layer pattern
+    has no MoE layer ("E"): a dense Nemotron-H (8B, Nano 4B) then reads as an 8-expert MoE model (transformers'
+    NemotronHConfig default), which megatron-core's checks and bridge_sft's router-loss handling act on. No
+    layer is built differently; clear the experts so the model is the dense model it is."""
+    pattern = getattr(provider, "hybrid_layer_pattern", None)
+    if getattr(hf_config, "model_type", "") == "nemotron_h" and pattern and "E" not in pattern:
+        provider.num_moe_experts = None
+        provider.moe_shared_expert_intermediate_size = provider.moe_ffn_hidden_size = None
+        provider.moe_router_num_groups = provider.moe_router_group_topk = None
 
 
 def _gpt_oss_dtype_from_checkpoint(provider, hf_config) -> None:

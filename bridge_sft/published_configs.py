@@ -23,7 +23,17 @@ SIZE_FIELDS = frozenset({
     "num_key_value_heads", "head_dim", "vocab_size", "num_experts", "num_local_experts", "n_routed_experts",
     "num_experts_per_tok", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "sliding_window", "layer_types", "max_window_layers",
+    # Mamba-2 hybrids: the layer pattern (a prefix of the published one) and the Mamba widths
+    "hybrid_override_pattern", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size",
+    "moe_shared_expert_intermediate_size",
 })
+
+# Nemotron-H fields every published config.json carries (Mamba-2 mixer settings as the model cards publish them).
+_NEMOTRON_H_MAMBA = dict(mamba_hidden_act="silu", conv_kernel=4, chunk_size=128, expand=2, use_conv_bias=True,
+                         mamba_proj_bias=False, time_step_min=0.001, time_step_max=0.1, time_step_floor=1e-4,
+                         layer_norm_epsilon=1e-5, residual_in_fp32=False, rescale_prenorm_residual=True,
+                         use_bias=False, attention_bias=False, mlp_bias=False, mlp_hidden_act="relu2",
+                         tie_word_embeddings=False)
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -139,6 +149,22 @@ PUBLISHED = {
         n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
         topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=False, attention_bias=True,
         tie_word_embeddings=False)),
+    # nvidia/Nemotron-H-8B-Base-8K config.json: 24 Mamba-2, 4 attention (no RoPE), 24 squared-ReLU MLP layers
+    "nemotron-h-8b": ("nemotron_h", dict(
+        hidden_size=4096, num_hidden_layers=52,
+        hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, intermediate_size=21504, max_position_embeddings=8192,
+        mamba_num_heads=128, mamba_head_dim=64, n_groups=8, ssm_state_size=128, **_NEMOTRON_H_MAMBA)),
+    # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 config.json: 23 Mamba-2, 6 attention, 23 MoE layers (128 experts,
+    # top 6, sigmoid router with expert bias, a shared expert, routed scaling 2.5)
+    "nemotron-3-nano-30b-a3b": ("nemotron_h_moe", dict(
+        hidden_size=2688, num_hidden_layers=52,
+        hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", num_attention_heads=32,
+        num_key_value_heads=2, head_dim=128, intermediate_size=1856, max_position_embeddings=262144,
+        mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128, n_routed_experts=128,
+        num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+        n_shared_experts=1, routed_scaling_factor=2.5, n_group=1, topk_group=1, norm_topk_prob=True,
+        **_NEMOTRON_H_MAMBA)),
 }
 
 # Tiny sizes: hidden / (heads * head_dim), intermediate / hidden and query heads per key/value head kept
@@ -180,6 +206,16 @@ TINY_SIZES = {
     "glm-4.5-air": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=344, moe_intermediate_size=48,
                         num_attention_heads=12, num_key_value_heads=1, head_dim=32, n_routed_experts=16,
                         num_experts_per_tok=2),
+    # Mamba: d_inner = 2 x hidden (8B) / heads x head_dim (Nano), 16 (8B) or 8 (Nano) heads per group, state =
+    # 2 x head_dim; chunks of 128 as published (~1,100 tokens cross 9); the first layers of the published pattern.
+    "nemotron-h-8b": dict(num_hidden_layers=9, hybrid_override_pattern="M-M-M-M*-", hidden_size=128,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=16, intermediate_size=672,
+                          mamba_num_heads=32, mamba_head_dim=8, n_groups=2, ssm_state_size=16),
+    "nemotron-3-nano-30b-a3b": dict(num_hidden_layers=7, hybrid_override_pattern="MEMEM*E", hidden_size=112,
+                                    num_attention_heads=16, num_key_value_heads=1, head_dim=16, intermediate_size=80,
+                                    mamba_num_heads=16, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
+                                    n_routed_experts=16, num_experts_per_tok=6, moe_intermediate_size=80,
+                                    moe_shared_expert_intermediate_size=160),
 }
 
 
@@ -203,7 +239,7 @@ def lost_fields(name: str, config) -> list[str]:
     published (and equal when 512 or less), ``head_dim`` != hidden/heads where published (outside MLA), query heads per
     key/value head, dense first layers followed by MoE layers, and experts per token per routing group."""
     _, fields = PUBLISHED[name]
-    rope = dict(config.rope_parameters or {})
+    rope = dict(getattr(config, "rope_parameters", None) or {})  # None: no RoPE (Nemotron-H)
     full = rope.get("full_attention", rope)
     lost = []
     for key, value in fields.items():
@@ -226,6 +262,13 @@ def lost_fields(name: str, config) -> list[str]:
     layers = config.num_hidden_layers
     if "layer_types" in fields and list(config.layer_types) != fields["layer_types"][:layers]:
         lost.append("layer_types pattern")
+    pattern = fields.get("hybrid_override_pattern")
+    if pattern and (config.hybrid_override_pattern != pattern[:layers] or set(pattern[:layers]) != set(pattern)):
+        lost.append("hybrid_override_pattern prefix with every layer kind")
+    if "mamba_num_heads" in fields:
+        for ratio in (("mamba_num_heads", "n_groups"), ("ssm_state_size", "mamba_head_dim")):
+            if fields[ratio[0]] // fields[ratio[1]] != getattr(config, ratio[0]) // getattr(config, ratio[1]):
+                lost.append(f"{ratio[0]} per {ratio[1]}")
     window = fields.get("sliding_window")
     if window and not (config.sliding_window == window if window <= 512 else 0 < config.sliding_window <= window):
         lost.append("sliding_window")

@@ -120,6 +120,9 @@ def forward_step(
 
     packed_seq_params = None
     if packed_seq_metadata is not None:
+        if getattr(config, "is_hybrid_model", False):  # as gpt_step: the pack's length, for Mamba's seq_idx
+            rows = tokens if tokens is not None else labels  # both None on middle pipeline stages
+            packed_seq_metadata["total_tokens"] = rows.size(1) if rows is not None else config.seq_length
         packed_seq_params = get_packed_seq_params(packed_seq_metadata)
     # FLOPs accounting for Bridge's throughput log; like gpt_step, the packed
     # (sum of s_i^2) attention term only for CP=1, whose cu_seqlens are not CP-sliced.

@@ -114,6 +114,34 @@ NEMOTRON_TEMPLATE = (
     "{% if add_generation_prompt %}<extra_id_1>Assistant\n{% endif %}"
 )
 
+# Nemotron-H (8B Instruct / Nano v2 style): <SPECIAL_10>System, <SPECIAL_11>User / Assistant headers, an answer
+# ends with <SPECIAL_12>.
+NEMOTRON_H_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<SPECIAL_10>System\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<SPECIAL_11>User\n{{ message['content'] }}\n"
+    "{% else %}<SPECIAL_11>Assistant\n{{ message['content'] }}<SPECIAL_12>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<SPECIAL_11>Assistant\n{% endif %}"
+)
+
+# Nemotron 3 (Nano 30B-A3B style): ChatML turns; reasoning on by default (``enable_thinking``): the last answer
+# carries its reasoning in <think>...</think>, earlier answers (and every answer with reasoning off) an empty
+# <think></think>; the generation prompt opens <think> (reasoning on) or renders <think></think> (off).
+NEMOTRON3_TEMPLATE = (
+    "{% set thinking = enable_thinking if enable_thinking is defined else true %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.last and thinking and message.get('reasoning_content') %}"
+    "<think>\n{{ message['reasoning_content'] | trim }}\n</think>\n"
+    "{% else %}<think></think>{% endif %}"
+    "{{ message['content'] | trim }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{{ '<think>\n' if thinking else '<think></think>' }}"
+    "{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class TokenizerStyle:
@@ -148,6 +176,12 @@ STYLES = {
                           eos_token="<|user|>", pad_token="<|endoftext|>"),
     "nemotron": TokenizerStyle(NEMOTRON_TEMPLATE, ("<unk>", "<s>", "</s>", "<extra_id_0>", "<extra_id_1>"),
                                eos_token="</s>", pad_token="<unk>", bos_token="<s>"),
+    "nemotron_h": TokenizerStyle(NEMOTRON_H_TEMPLATE, ("<unk>", "<s>", "</s>", "<SPECIAL_10>", "<SPECIAL_11>",
+                                                       "<SPECIAL_12>"),
+                                 eos_token="<SPECIAL_12>", pad_token="<unk>", bos_token="<s>"),
+    "nemotron3": TokenizerStyle(NEMOTRON3_TEMPLATE, ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>",
+                                                     "</think>"),
+                                eos_token="<|im_end|>", pad_token="<unk>", bos_token="<s>"),
 }
 
 
@@ -180,7 +214,8 @@ def build_tiny_tokenizer(style: str = "chatml", vocab_size: int = 512):
 
     ``style`` is a key of ``STYLES``: ``"llama"`` (Llama 3 headers, turns end with
     ``<|eot_id|>``), ``"chatml"`` (Qwen, ``<|im_end|>``), ``"gemma"``, ``"mistral"``,
-    ``"harmony"`` (gpt-oss), ``"deepseek"``, ``"glm"`` or ``"nemotron"``.
+    ``"harmony"`` (gpt-oss), ``"deepseek"``, ``"glm"``, ``"nemotron"``, ``"nemotron_h"`` or ``"nemotron3"``
+    (reasoning on/off through ``enable_thinking``).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -287,6 +322,32 @@ def _glm4_moe(s):
             "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True}
 
 
+def _nemotron_h_mamba(s):
+    """Mamba-2 layers as Nemotron-H 8B's (expand 2: 16 heads of 8 = 2 x hidden; 8 heads per group; conv 4) at
+    toy size, with chunks of 16 tokens so that the tests' dialogs cross several."""
+    return {"hidden_size": s.hidden_size, "max_position_embeddings": s.max_position_embeddings,
+            "mamba_num_heads": 16, "mamba_head_dim": 2 * s.hidden_size // 16, "n_groups": 2, "ssm_state_size": 16,
+            "conv_kernel": 4, "expand": 2, "chunk_size": 16, "use_conv_bias": True, "mamba_proj_bias": False,
+            "use_mamba_kernels": False, "layer_norm_epsilon": 1e-5}
+
+
+def _nemotron_h(s):
+    """Nemotron-H: Mamba-2, attention (no RoPE) and squared-ReLU MLP layers, each a layer of its own."""
+    return {**_nemotron_h_mamba(s), "layers_block_type": ["mamba", "mlp", "mamba", "attention", "mlp"],
+            "num_attention_heads": s.num_attention_heads, "num_key_value_heads": s.num_key_value_heads,
+            "head_dim": s.hidden_size // s.num_attention_heads, "intermediate_size": s.intermediate_size,
+            "mlp_hidden_act": "relu2"}
+
+
+def _nemotron_h_moe(s):
+    """Nemotron 3 Nano: the MLP layers are MoE layers (sigmoid router with expert bias, top 2 of 4, a shared
+    expert, routed scaling 2.5)."""
+    return {**_nemotron_h(s), "layers_block_type": ["mamba", "moe", "mamba", "attention", "moe"],
+            "n_routed_experts": s.num_experts, "num_experts_per_tok": 2,
+            "moe_intermediate_size": s.moe_intermediate_size, "moe_shared_expert_intermediate_size": 2 * s.moe_intermediate_size, "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": True}
+
+
 # arch -> (transformers config class, tokenizer style, config fields for TinySizes, ties embeddings)
 TINY_ARCHS = {
     "llama": ("LlamaConfig", "llama", _llama, False),
@@ -301,8 +362,10 @@ TINY_ARCHS = {
     "olmoe": ("OlmoeConfig", "chatml", _olmoe, False),
     "deepseek_v3": ("DeepseekV3Config", "deepseek", _deepseek_v3, False),
     "glm4_moe": ("Glm4MoeConfig", "glm", _glm4_moe, False),
+    "nemotron_h": ("NemotronHConfig", "nemotron_h", _nemotron_h, False),
+    "nemotron_h_moe": ("NemotronHConfig", "nemotron3", _nemotron_h_moe, False),
 }
-MOE_ARCHS = ("qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "glm4_moe")
+MOE_ARCHS = ("qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "glm4_moe", "nemotron_h_moe")
 
 
 def build_tiny_model(

@@ -37,8 +37,10 @@ def probe_tokens(hf_dir, path: Path) -> list[list[int]]:
 
 def hf_logits(hf_dir, tokens) -> torch.Tensor:
     """fp32 logits ``[rows, len, vocab]`` of the HF model in ``hf_dir`` on ``tokens``."""
+    from hf_reference import fix_hf_nemotron_h_torch_path
     from transformers import AutoModelForCausalLM
 
+    fix_hf_nemotron_h_torch_path()  # HF's Nemotron-H torch path passes chunk states wrongly (hf_reference.py)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor(tokens)).logits

@@ -22,7 +22,8 @@ from transformers import AutoConfig
 from bridge_sft.published_configs import PUBLISHED, lost_fields
 from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS, build_published_tiny_model
 
-TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3")  # custom TE spec + windows; sinks + biased MoE; MLA + MoE
+# custom TE spec + windows; sinks + biased MoE; MLA + MoE; Mamba-2 hybrid (its MoE variant: extended)
+TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3", "nemotron_h")
 
 
 def test_every_family_matches_hf_through_the_forward_step(tmp_path):
@@ -90,3 +91,23 @@ def test_moe_families_under_tensor_and_expert_parallelism(tiny_models, tmp_path)
                 continue
             assert r[layout] <= 1e-5, (name, layout, r)
     assert results[tiny_models["qwen3_moe"].name]["scale"] > 1.0
+
+
+@pytest.mark.parametrize("model_type, fields, named", [
+    ("falcon_h1", {}, "packed_seq_params"),
+    ("nemotron_h", {"mamba_hidden_act": "gelu"}, "mamba_hidden_act='gelu'"),
+    ("nemotron_h", {"time_step_limit": (0.0, 0.1)}, "time_step_limit=(0.0, 0.1)"),
+    ("nemotron_h", {"mamba_proj_bias": True}, "mamba_proj_bias=True"),
+])
+def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type, fields, named):
+    """What megatron-core's Mamba mixer or Bridge's Falcon-H1 model cannot train right is refused by name."""
+    from transformers import FalconH1Config, NemotronHConfig
+
+    from bridge_sft.models import UnsupportedModelError, _check_hf_config
+
+    config = {"falcon_h1": FalconH1Config, "nemotron_h": NemotronHConfig}[model_type](**fields)
+    with pytest.raises(UnsupportedModelError) as refused:
+        _check_hf_config("some/model", config)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("some/model: ") and named in message, message
+    _check_hf_config("some/model", NemotronHConfig())  # the published defaults pass

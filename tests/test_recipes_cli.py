@@ -126,6 +126,28 @@ MOE_PUBLISHED = {
                           "bos_token_id": 163584, "eos_token_id": 163585, "torch_dtype": "bfloat16"},
 }
 
+# Mamba-2 hybrids (published config.json fields): nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 and -Nano-4B-BF16.
+_NEMOTRON_H = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "mamba_hidden_act": "silu",
+               "conv_kernel": 4, "expand": 2, "use_conv_bias": True, "mamba_proj_bias": False,
+               "mlp_hidden_act": "relu2", "layer_norm_epsilon": 1e-5, "vocab_size": 131072, "tie_word_embeddings": False,
+               "torch_dtype": "bfloat16"}
+HYBRID_PUBLISHED = {
+    "nemotron3_nano_30b_a3b": {**_NEMOTRON_H, "hidden_size": 2688, "num_hidden_layers": 52,
+                               "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+                               "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+                               "intermediate_size": 1856, "mamba_num_heads": 64, "mamba_head_dim": 64, "n_groups": 8,
+                               "ssm_state_size": 128, "chunk_size": 128, "n_routed_experts": 128,
+                               "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+                               "moe_shared_expert_intermediate_size": 3712, "n_shared_experts": 1,
+                               "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+                               "max_position_embeddings": 262144},
+    "nemotron3_nano_4b": {**_NEMOTRON_H, "hidden_size": 3136, "num_hidden_layers": 42,
+                          "hybrid_override_pattern": "M-M-M-MM-M-M*-M-M*-M-M-M*-M-M-MM*-MMM-M-M-",
+                          "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                          "intermediate_size": 12544, "mamba_num_heads": 96, "mamba_head_dim": 80, "n_groups": 8,
+                          "ssm_state_size": 128, "chunk_size": 256, "max_position_embeddings": 262144},
+}
+
 # preset: (EP, PP, seq, global batch), LoRA (TP, EP, seq, global batch, targets, rank, alpha)
 ATTENTION, ATTENTION_MLP = ["linear_qkv", "linear_proj"], ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 MOE_EXPECTED = {
@@ -141,7 +163,7 @@ MOE_EXPECTED = {
 @pytest.fixture(scope="module")
 def hf_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-configs")
-    for name, config in {**PUBLISHED, **MOE_PUBLISHED}.items():
+    for name, config in {**PUBLISHED, **MOE_PUBLISHED, **HYBRID_PUBLISHED}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
     data = root / "chat.jsonl"
@@ -159,7 +181,7 @@ def preset_shapes(hf_configs):
 
 def test_every_preset_builds_the_published_model_shape(preset_shapes):
     result = preset_shapes
-    assert set(result) == set(PUBLISHED) | set(MOE_PUBLISHED)
+    assert set(result) == set(PUBLISHED) | set(MOE_PUBLISHED) | set(HYBRID_PUBLISHED)
     for name, hf in PUBLISHED.items():
         full, lora = result[name]["full"], result[name]["lora"]
         assert full["num_layers"] == hf["num_hidden_layers"], name
@@ -218,6 +240,40 @@ def test_moe_presets_build_the_published_model_with_bridges_parallelism(preset_s
                                                              [targets, rank, alpha]), name
         assert lora["sequence_parallel"] == (lora_tp > 1) and lora["pipeline_model_parallel_size"] == 1, name
         assert lora["lr"] == 1e-4 and lora["expert_tensor_parallel_size"] == 1, name
+        assert {k: from_yaml[k] for k in full} == full, name
+
+
+def test_mamba_hybrid_presets_build_the_published_model_with_bridges_parallelism(preset_shapes):
+    """Nemotron 3 Nano 30B-A3B and Nano 4B: the published layer pattern, Mamba heads / head dim / state / groups /
+    chunk, attention and MoE shapes, and Megatron-Bridge 0.6.2's recipe settings (nemotronh/h100) for SFT and LoRA."""
+    lora_targets = {"nemotron3_nano_30b_a3b": (["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj",
+                                                "out_proj"], 32, 32),
+                    "nemotron3_nano_4b": (["linear_qkv", "linear_proj"], 8, 16)}
+    # preset: (TP, EP, seq, global batch)
+    parallel = {"nemotron3_nano_30b_a3b": (1, 8, 2048, 128), "nemotron3_nano_4b": (1, 1, 2048, 32)}
+    for name, hf in HYBRID_PUBLISHED.items():
+        full, lora, from_yaml = (preset_shapes[name][key] for key in ("full", "lora", "yaml"))
+        assert (full["num_layers"], full["hidden_size"], full["num_attention_heads"], full["num_query_groups"],
+                full["kv_channels"], full["vocab_size"]) == (hf["num_hidden_layers"], hf["hidden_size"],
+                                                             hf["num_attention_heads"], hf["num_key_value_heads"],
+                                                             hf["head_dim"], hf["vocab_size"]), name
+        assert full["hybrid_layer_pattern"] == hf["hybrid_override_pattern"], name
+        assert (full["mamba_num_heads"], full["mamba_head_dim"], full["mamba_state_dim"], full["mamba_num_groups"],
+                full["mamba_chunk_size"]) == (hf["mamba_num_heads"], hf["mamba_head_dim"], hf["ssm_state_size"],
+                                              hf["n_groups"], hf["chunk_size"]), name
+        if "n_routed_experts" in hf:
+            assert (full["num_moe_experts"], full["moe_router_topk"], full["moe_ffn_hidden_size"],
+                    full["moe_shared_expert_intermediate_size"]) == (
+                hf["n_routed_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"],
+                hf["moe_shared_expert_intermediate_size"]), name
+        else:
+            assert full["num_moe_experts"] is None and full["ffn_hidden_size"] == hf["intermediate_size"], name
+        tp, ep, seq, gbs = parallel[name]
+        assert (full["tensor_model_parallel_size"], full["expert_model_parallel_size"], full["seq_length"],
+                full["global_batch_size"], full["lr"], full["peft"]) == (tp, ep, seq, gbs, 5e-6, None), name
+        assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
+        assert (lora["tensor_model_parallel_size"], lora["expert_model_parallel_size"], lora["lr"],
+                lora["lora"]) == (1, ep, 1e-4, list(lora_targets[name])), name
         assert {k: from_yaml[k] for k in full} == full, name
 
 

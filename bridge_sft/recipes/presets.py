@@ -186,5 +186,30 @@ def moonlight_16b_a3b(hf_path: str = "moonshotai/Moonlight-16B-A3B-Instruct", da
     return _moe_preset(hf_path, data, overrides, lora, seq_length=8192, expert_parallel=8, global_batch_size=8)
 
 
-MOE_PRESETS = {fn.__name__: fn for fn in (qwen3_30b_a3b, gpt_oss_20b, gpt_oss_120b, olmoe_1b_7b, moonlight_16b_a3b)}
+def nemotron3_nano_30b_a3b(hf_path: str = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", data=None, **overrides):
+    """Nemotron 3 Nano 30B-A3B (Mamba-2 / attention / MoE hybrid, 128 experts, top-6): EP=8, seq 2048, packed
+    global batch 128. LoRA: EP=8, rank 32 / alpha 32 on attention, MLP and the Mamba in/out projections."""
+    lora = {"expert_parallel": 8, "lora_dim": 32, "lora_alpha": 32,
+            "lora_targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj"]}
+    return _moe_preset(hf_path, data, overrides, lora, seq_length=2048, expert_parallel=8, global_batch_size=128)
+
+
+MOE_PRESETS = {fn.__name__: fn for fn in (qwen3_30b_a3b, gpt_oss_20b, gpt_oss_120b, olmoe_1b_7b, moonlight_16b_a3b,
+                                          nemotron3_nano_30b_a3b)}
 PRESETS.update(MOE_PRESETS)
+
+
+# --- Mamba-2 hybrids (bridge_sft.runtime.mamba where mamba_ssm is missing) -----------------------------------
+# Megatron-Bridge 0.6.2's recipes megatron/bridge/recipes/nemotronh/h100/nemotron_3_nano_4b.py (SFT and PEFT).
+
+
+def nemotron3_nano_4b(hf_path: str = "nvidia/NVIDIA-Nemotron-3-Nano-4B-BF16", data=None, **overrides):
+    """Nemotron 3 Nano 4B (dense Mamba-2 / attention hybrid): 1 GPU per replica, seq 2048, packed global batch
+    32. LoRA: rank 8 / alpha 16 on attention only."""
+    if overrides.get("peft") == "lora":
+        overrides = {"lora_dim": 8, "lora_alpha": 16, "lora_targets": ["linear_qkv", "linear_proj"], **overrides}
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=1, global_batch_size=32)
+
+
+HYBRID_PRESETS = {fn.__name__: fn for fn in (nemotron3_nano_4b,)}
+PRESETS.update(HYBRID_PRESETS)

@@ -16,7 +16,10 @@ module tree (names, shapes, parallelism) is the one a TE GPU builds:
    fused RoPE/softmax/cross-entropy/permutation/router, fused weight-gradient
    accumulation.
 
-``serve_missing_imports()`` does 1. for whichever of the two packages is
+``SERVED_KERNELS``: the same for the CUDA-only kernel packages of megatron-core's Mamba layers
+(``mamba_ssm``, ``causal_conv1d``), served as ``bridge_sft.runtime.mamba`` to the modules that import them.
+
+``serve_missing_imports()`` does 1. for whichever of these packages is
 not installed (before megatron is imported). Importing this module changes nothing.
 """
 
@@ -45,6 +48,12 @@ SERVED_TE = (
     "megatron.bridge.models.glm.glm45_bridge",
     "megatron.bridge.models.olmoe.olmoe_provider",
 )
+# CUDA-only kernel packages with plain-torch stand-ins (``bridge_sft.runtime.mamba``): package -> (the megatron
+# modules that get them, the stand-in's PROVIDES table). megatron.core.utils reads their versions (packed training).
+SERVED_KERNELS = {
+    "mamba_ssm": (("megatron.core.ssm.mamba_mixer", "megatron.core.utils"), "PROVIDES_MAMBA_SSM"),
+    "causal_conv1d": (("megatron.core.ssm.mamba_mixer", "megatron.core.utils"), "PROVIDES_CAUSAL_CONV1D"),
+}
 # Imported unguarded by Bridge (nvrx >= 0.5 needs glibc 2.39 and 0.4.1 breaks megatron-core): a placeholder.
 SERVED_PLACEHOLDER = {"megatron.bridge.training.pretrain": "nvidia_resiliency_ext"}
 
@@ -80,11 +89,9 @@ def _placeholder_module(name: str, provides: dict[str, Any] | None = None) -> ty
     return module
 
 
-def _te_modules() -> dict[str, types.ModuleType]:
-    """``transformer_engine`` and its submodules as ``te_torch`` provides them, linked as attributes."""
-    from bridge_sft.runtime import te_torch
-
-    modules = {name: _placeholder_module(name, provides) for name, provides in te_torch.PROVIDES.items()}
+def _stand_in_modules(table: dict[str, dict[str, Any]]) -> dict[str, types.ModuleType]:
+    """A package and its submodules as ``table`` (module name -> provided names) gives them, linked as attributes."""
+    modules = {name: _placeholder_module(name, provides) for name, provides in table.items()}
     for name, module in modules.items():
         parent, _, child = name.rpartition(".")
         if parent:
@@ -107,11 +114,11 @@ def _import_serving(served: dict[str, types.ModuleType], placeholder: str | None
         if level == 0 and root in served:
             module = served.get(name)
             if module is None:
-                raise ImportError(f"{name} is not provided by bridge_sft's pure-torch Transformer Engine")
+                raise ImportError(f"{name} is not provided by bridge_sft's plain-torch stand-in for {root}")
             for attr in fromlist or ():
                 if attr != "*" and attr not in module.__dict__:
-                    raise ImportError(f"cannot import {attr!r} from {name} (bridge_sft's pure-torch Transformer "
-                                      "Engine does not provide it)")
+                    raise ImportError(f"cannot import {attr!r} from {name} (bridge_sft's plain-torch stand-in "
+                                      f"for {root} does not provide it)")
             return module if fromlist else served[root]  # `import a.b as x` binds via getattr(a, "b")
         return real_import(name, globals, locals, fromlist, level)
 
@@ -168,10 +175,21 @@ def serve_missing_imports() -> None:
     """
     if any(isinstance(f, _StandInFinder) for f in sys.meta_path):
         return
-    importers: dict[str, Any] = {}
+    served: dict[str, dict[str, types.ModuleType]] = {}  # importer -> the stand-in modules it gets
     if not te_installed():
-        te = _te_modules()
-        importers.update({name: _import_serving(te, None) for name in SERVED_TE})
+        from bridge_sft.runtime import te_torch
+
+        te = _stand_in_modules(te_torch.PROVIDES)
+        for name in SERVED_TE:
+            served.setdefault(name, {}).update(te)
+    for package, (package_importers, table) in SERVED_KERNELS.items():
+        if not installed(package):
+            from bridge_sft.runtime import mamba
+
+            modules = _stand_in_modules(getattr(mamba, table))
+            for name in package_importers:
+                served.setdefault(name, {}).update(modules)
+    importers: dict[str, Any] = {name: _import_serving(modules, None) for name, modules in served.items()}
     for importer, package in SERVED_PLACEHOLDER.items():
         if not installed(package):
             importers[importer] = _import_serving({}, package)

@@ -46,6 +46,9 @@ from bridge_sft.recipes import tiny  # noqa: E402
 from bridge_sft.step import forward_step  # noqa: E402
 from bridge_sft.tiny import SAMPLE_DIALOGS, SLIDING_WINDOW  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/hf_reference.py
+from hf_reference import fix_hf_nemotron_h_torch_path  # noqa: E402
+
 
 class Samples:
     """The ``PreparedData`` interface the datasets read: ``lengths`` and ``sample(i)``."""
@@ -98,6 +101,7 @@ def long_conversations(tokenizer, min_tokens, count=1, slack=150):
 
 
 def hf_token_losses(hf_dir, samples):
+    fix_hf_nemotron_h_torch_path()  # HF's Nemotron-H torch path passes chunk states wrongly (hf_reference.py)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     losses = []
     with torch.no_grad():

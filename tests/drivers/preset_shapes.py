@@ -19,6 +19,8 @@ FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
 MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
               "moe_layer_freq", "multi_latent_attention", "kv_lora_rank", "expert_model_parallel_size",
               "expert_tensor_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")
+MAMBA_FIELDS = ("hybrid_layer_pattern", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups",
+                "mamba_chunk_size")
 
 
 def shapes(config):
@@ -27,7 +29,7 @@ def shapes(config):
     model["dataset_seq_length"] = config.dataset.seq_length
     model["lr"] = config.optimizer.lr
     model["peft"] = type(config.peft).__name__ if config.peft else None
-    model.update({name: getattr(config.model, name, None) for name in MOE_FIELDS})
+    model.update({name: getattr(config.model, name, None) for name in MOE_FIELDS + MAMBA_FIELDS})
     model["global_batch_size"] = config.train.global_batch_size
     model["lora"] = [config.peft.target_modules, config.peft.dim, config.peft.alpha] if config.peft else None
     return model
