@@ -221,8 +221,8 @@ def check_provider(model) -> None:
         )
     if runtime.mode() in ("cpu", "no_te"):
         where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"
+        # Context parallelism runs without TE (te_torch's attention, bridge_sft.runtime.context_parallel).
         needs_te = {
-            "context_parallel_size": getattr(model, "context_parallel_size", 1) > 1,
             "fp8": bool(getattr(model, "fp8", None)),
             "fp4": bool(getattr(model, "fp4", None)),
         }

@@ -265,7 +265,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "bad_type": ["train", "tiny", *ok, "train.train_iters=many"],
         "missing_hf_path": ["train", "tiny", f"output_dir={out}"],
         "seq_mismatch": ["train", "tiny", *ok, "dataset.seq_length=128"],
-        "cp_without_te": ["train", "tiny", *ok, "context_parallel=2"],
+        "fp8_without_te": ["train", "tiny", *ok, "model.fp8=hybrid"],  # context parallelism runs without TE
         "multimodal": ["train", "tiny", f"hf_path={gemma3_mm}", f"output_dir={out}"],
         "convert_missing": ["convert", "import", str(tmp_path / "nope"), str(tmp_path / "converted")],
         "lr_below_min_lr": ["train", "tiny", *ok, "lr=1e-5"],  # tiny's min_lr is 2e-4
@@ -284,7 +284,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "bad_type": "train.train_iters='many': expected int",
         "missing_hf_path": "recipe tiny needs hf_path=...",
         "seq_mismatch": "dataset.seq_length=128 but model.seq_length=256",
-        "cp_without_te": "model.context_parallel_size=2 needs Transformer Engine, which is not available on the CPU",
+        "fp8_without_te": "model.fp8=hybrid needs Transformer Engine, which is not available on the CPU",
         "multimodal": "bridge-sft convert text-only",
         "convert_missing": "nope: no such directory",
         "lr_below_min_lr": "optimizer.min_lr=0.0002 is above optimizer.lr=1e-05",
