@@ -138,10 +138,18 @@ MOE_EXPECTED = {
 }
 
 
+# Long-context presets: (TP, SP, CP, cp_comm_type, seq, global batch, pad_seq_to_mult, lr, YaRN factor) of Bridge
+# 0.6.2's qwen3_8b_sft_8gpu_h100_bf16_32k_config and qwen3_600m_sft_8gpu_h100_bf16_yarn_128k_config (cp_comm_type
+# None: megatron-core's default, p2p).
+LONG_CONTEXT_PUBLISHED = {"qwen3_8b_32k": PUBLISHED["qwen3_8b"], "qwen3_0p6b_128k": PUBLISHED["qwen3_0p6b"]}
+LONG_CONTEXT_EXPECTED = {"qwen3_8b_32k": (4, True, 2, "a2a", 32768, 8, 8, 5e-6, None),
+                         "qwen3_0p6b_128k": (1, False, 8, None, 131072, 8, 16, 1e-6, 3.2)}
+
+
 @pytest.fixture(scope="module")
 def hf_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-configs")
-    for name, config in {**PUBLISHED, **MOE_PUBLISHED}.items():
+    for name, config in {**PUBLISHED, **MOE_PUBLISHED, **LONG_CONTEXT_PUBLISHED}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
     data = root / "chat.jsonl"
@@ -159,7 +167,7 @@ def preset_shapes(hf_configs):
 
 def test_every_preset_builds_the_published_model_shape(preset_shapes):
     result = preset_shapes
-    assert set(result) == set(PUBLISHED) | set(MOE_PUBLISHED)
+    assert set(result) == set(PUBLISHED) | set(MOE_PUBLISHED) | set(LONG_CONTEXT_PUBLISHED)
     for name, hf in PUBLISHED.items():
         full, lora = result[name]["full"], result[name]["lora"]
         assert full["num_layers"] == hf["num_hidden_layers"], name
@@ -219,6 +227,32 @@ def test_moe_presets_build_the_published_model_with_bridges_parallelism(preset_s
         assert lora["sequence_parallel"] == (lora_tp > 1) and lora["pipeline_model_parallel_size"] == 1, name
         assert lora["lr"] == 1e-4 and lora["expert_tensor_parallel_size"] == 1, name
         assert {k: from_yaml[k] for k in full} == full, name
+
+
+def test_long_context_presets_carry_bridges_context_parallel_settings(preset_shapes):
+    """Each long-context preset: the published model, Bridge 0.6.2's long-context recipe settings (CP and its
+    communication, sequence parallelism, per-sequence padding for CP, per-token loss, no fused cross-entropy,
+    YaRN for 128k), the same from recipes/<preset>.yaml, and LoRA on one GPU per CP group."""
+    for name, hf in LONG_CONTEXT_PUBLISHED.items():
+        full, lora, from_yaml = (preset_shapes[name][key] for key in ("full", "lora", "yaml"))
+        tp, sp, cp, comm, seq, gbs, pad, lr, yarn = LONG_CONTEXT_EXPECTED[name]
+        assert (full["num_layers"], full["hidden_size"], full["vocab_size"]) == (
+            hf["num_hidden_layers"], hf["hidden_size"], hf["vocab_size"]), name
+        assert (full["tensor_model_parallel_size"], full["sequence_parallel"], full["context_parallel_size"],
+                full["cp_comm_type"]) == (tp, sp, cp, comm), name
+        assert (full["seq_length"], full["dataset_seq_length"], full["global_batch_size"],
+                full["pad_seq_to_mult"], full["lr"]) == (seq, seq, gbs, pad, lr), name
+        assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
+        assert full["cross_entropy_loss_fusion"] is False, name
+        if yarn:
+            assert (full["position_embedding_type"], full["yarn_rotary_scaling_factor"],
+                    full["yarn_original_max_position_embeddings"], full["distributed_optimizer"]) == (
+                "yarn", yarn, 40960, True), name
+        else:
+            assert full["position_embedding_type"] == "rope", name
+        assert {k: from_yaml[k] for k in full} == full, name
+        assert (lora["peft"], lora["tensor_model_parallel_size"], lora["sequence_parallel"],
+                lora["context_parallel_size"]) == ("LoRA", 1, False, cp), name
 
 
 def test_dry_run_prints_the_resolved_config(hf_configs, tmp_path):
