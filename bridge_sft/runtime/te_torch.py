@@ -429,12 +429,14 @@ class DotProductAttention(torch.nn.Module):
         if left < 0 and right < 0:
             return None
         q_offset = sk - sq if q_offset is None else q_offset
-        offset = torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None] - q_offset
+        # Comparisons of a key row against a query column: no [sq, sk] integer matrix (long sequences).
+        keys = torch.arange(sk, device=device)[None, :]
+        queries = torch.arange(sq, device=device)[:, None] + q_offset
         visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
         if right >= 0:
-            visible &= offset <= right
+            visible &= keys <= queries + right
         if left >= 0:
-            visible &= offset >= -left
+            visible &= keys >= queries - left
         return visible
 
     def _attend(self, q, k, v, causal: bool, window, bias=None, q_offset: int | None = None) -> torch.Tensor:
