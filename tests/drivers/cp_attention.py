@@ -16,7 +16,8 @@ and ``cu_seqlens_q_padded`` the physical boundaries, plus trailing padding; the 
 unpadded pack and its outputs/gradients are compared at the real tokens, the padded slots' gradients
 must be 0). Also checks the THD split against megatron-core's own per-sequence zigzag, sequence by
 sequence. Rank 0 prints ``FACTS {json}``: per case/layout the max |difference| of outputs and of
-q/k/v/sink gradients (max over ranks) and their scales.
+q/k/v/sink gradients (max over ranks) and their scales; and ``config_check``: what
+``bridge_sft.models.check_provider`` says to CP=2, to fp8 and to hierarchical CP (None: accepted).
 """
 
 import json
@@ -138,9 +139,27 @@ def main():
         out = torch.where(real_here[:, None], out, torch.zeros_like(out))  # outputs at padding: unspecified
         compare("thd_padded", (out, grads, sink),
                 (to_padded(ref_out)[idx], [to_padded(g)[idx] for g in ref_grads], ref_sink))
+    facts["config_check"] = config_check()
     if torch.distributed.get_rank() == 0:
         print("FACTS " + json.dumps(facts))
     torch.distributed.destroy_process_group()
+
+
+def config_check() -> dict:
+    from types import SimpleNamespace
+
+    from bridge_sft.models import UnsupportedModelError, check_provider
+
+    result = {}
+    for name, extra in {"cp2": {}, "fp8": {"fp8": "hybrid"}, "cp_comm_type": {"cp_comm_type": "a2a+p2p"}}.items():
+        model = SimpleNamespace(**{"context_parallel_size": 2, "cp_comm_type": "p2p", "fp8": None, "fp4": None,
+                                   **extra})
+        try:
+            check_provider(model)
+            result[name] = None
+        except UnsupportedModelError as exc:
+            result[name] = str(exc)
+    return result
 
 
 if __name__ == "__main__":
