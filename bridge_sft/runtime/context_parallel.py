@@ -19,7 +19,11 @@ Cost: each rank holds the full K and V of its micro-batch, kept for the backward
 ``2 x seq x kv_heads/TP x head_dim x bytes`` per layer (Qwen3-8B, 32k, bf16, TP=1:
 128 MiB a layer, 4.5 GiB over 36 layers without recomputation), where TE's ring (p2p)
 holds two chunks at a time. Acceptable for a path that exists to run CP on a CPU or a
-GPU without TE (tests, small models); long-context training at scale belongs on TE.
+GPU without TE (tests, small models); long-context training at scale belongs on TE. A query chunk
+that does not start at its sequence's first key needs a mask (torch's flash kernel aligns causal
+masks top-left), and torch's CPU SDPA with a mask keeps the attention probabilities for the
+backward: on the CPU, CP=2 took 1.9x the 1-process peak memory per rank at seq 8192 on the tiny
+Llama (benchmarks/context_parallel.py), where the 1-process causal kernel keeps none.
 """
 
 from __future__ import annotations
