@@ -20,6 +20,7 @@ def apply() -> None:
     _skip_compile_helpers_when_prebuilt()
     _post_layernorm_epsilon()
     _expert_bias_with_padding_mask()
+    _router_token_count_with_padding_mask()
     _mla_query_projection_without_norm()
     _nemotron_h_embedding_name()
 
@@ -84,6 +85,31 @@ def _expert_bias_with_padding_mask() -> None:
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     TopKRouter._apply_expert_bias = _apply_expert_bias
+
+
+def _router_token_count_with_padding_mask() -> None:
+    """megatron-core 0.19.2's ``get_tokens_per_expert_and_token_count`` (the load-balancing losses) all-reduces
+    the per-expert counts over TP x CP IN PLACE (``_reduce`` mutates a contiguous input), then, with a
+    padding mask, reads this rank's token count from the same, now global, tensor: every rank's
+    load-balancing loss is scaled by the global valid-token count instead of its own (gradient off by
+    about 100 % on CP=2 with unequally padded shards; bridge_sft's tests/test_context_parallel.py).
+    Count before reducing."""
+    import inspect
+
+    from megatron.core.transformer.moe import moe_utils, router
+
+    original = moe_utils.get_tokens_per_expert_and_token_count
+    if "local_tokens_per_expert.sum() / topk" not in inspect.getsource(original):
+        return  # changed upstream
+
+    def get_tokens_per_expert_and_token_count(routing_map, reduce_group, topk=None, with_padding_mask=False):
+        global_tokens_per_expert, local_num_tokens, total_num_tokens = original(
+            routing_map, reduce_group, topk, with_padding_mask)
+        if with_padding_mask:
+            local_num_tokens = routing_map.sum() / topk  # this rank's valid tokens (each routed to topk experts)
+        return global_tokens_per_expert, local_num_tokens, total_num_tokens
+
+    router.get_tokens_per_expert_and_token_count = get_tokens_per_expert_and_token_count
 
 
 def _mla_query_projection_without_norm() -> None:

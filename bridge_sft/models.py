@@ -260,8 +260,10 @@ def check_provider(model) -> None:
         )
     if runtime.mode() in ("cpu", "no_te"):
         where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"
+        # Context parallelism runs without TE (te_torch's attention, bridge_sft.runtime.context_parallel),
+        # except TE's hierarchical variant.
         needs_te = {
-            "context_parallel_size": getattr(model, "context_parallel_size", 1) > 1,
+            "cp_comm_type": getattr(model, "cp_comm_type", None) == "a2a+p2p",
             "fp8": bool(getattr(model, "fp8", None)),
             "fp4": bool(getattr(model, "fp4", None)),
         }

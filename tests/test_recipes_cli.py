@@ -160,10 +160,18 @@ MOE_EXPECTED = {
 }
 
 
+# Long-context presets: (TP, SP, CP, cp_comm_type, seq, global batch, pad_seq_to_mult, lr, YaRN factor) of Bridge
+# 0.6.2's qwen3_8b_sft_8gpu_h100_bf16_32k_config and qwen3_600m_sft_8gpu_h100_bf16_yarn_128k_config (cp_comm_type
+# None: megatron-core's default, p2p).
+LONG_CONTEXT_PUBLISHED = {"qwen3_8b_32k": PUBLISHED["qwen3_8b"], "qwen3_0p6b_128k": PUBLISHED["qwen3_0p6b"]}
+LONG_CONTEXT_EXPECTED = {"qwen3_8b_32k": (4, True, 2, "a2a", 32768, 8, 8, 5e-6, None),
+                         "qwen3_0p6b_128k": (1, False, 8, None, 131072, 8, 16, 1e-6, 3.2)}
+
+
 @pytest.fixture(scope="module")
 def hf_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-configs")
-    for name, config in {**PUBLISHED, **MOE_PUBLISHED, **HYBRID_PUBLISHED}.items():
+    for name, config in {**PUBLISHED, **MOE_PUBLISHED, **HYBRID_PUBLISHED, **LONG_CONTEXT_PUBLISHED}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
     data = root / "chat.jsonl"
@@ -181,7 +189,8 @@ def preset_shapes(hf_configs):
 
 def test_every_preset_builds_the_published_model_shape(preset_shapes):
     result = preset_shapes
-    assert set(result) == set(PUBLISHED) | set(MOE_PUBLISHED) | set(HYBRID_PUBLISHED)
+    assert set(result) == (set(PUBLISHED) | set(MOE_PUBLISHED) | set(HYBRID_PUBLISHED)
+                           | set(LONG_CONTEXT_PUBLISHED))
     for name, hf in PUBLISHED.items():
         full, lora = result[name]["full"], result[name]["lora"]
         assert full["num_layers"] == hf["num_hidden_layers"], name
@@ -277,6 +286,32 @@ def test_mamba_hybrid_presets_build_the_published_model_with_bridges_parallelism
         assert {k: from_yaml[k] for k in full} == full, name
 
 
+def test_long_context_presets_carry_bridges_context_parallel_settings(preset_shapes):
+    """Each long-context preset: the published model, Bridge 0.6.2's long-context recipe settings (CP and its
+    communication, sequence parallelism, per-sequence padding for CP, per-token loss, no fused cross-entropy,
+    YaRN for 128k), the same from recipes/<preset>.yaml, and LoRA on one GPU per CP group."""
+    for name, hf in LONG_CONTEXT_PUBLISHED.items():
+        full, lora, from_yaml = (preset_shapes[name][key] for key in ("full", "lora", "yaml"))
+        tp, sp, cp, comm, seq, gbs, pad, lr, yarn = LONG_CONTEXT_EXPECTED[name]
+        assert (full["num_layers"], full["hidden_size"], full["vocab_size"]) == (
+            hf["num_hidden_layers"], hf["hidden_size"], hf["vocab_size"]), name
+        assert (full["tensor_model_parallel_size"], full["sequence_parallel"], full["context_parallel_size"],
+                full["cp_comm_type"]) == (tp, sp, cp, comm), name
+        assert (full["seq_length"], full["dataset_seq_length"], full["global_batch_size"],
+                full["pad_seq_to_mult"], full["lr"]) == (seq, seq, gbs, pad, lr), name
+        assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
+        assert full["cross_entropy_loss_fusion"] is False, name
+        if yarn:
+            assert (full["position_embedding_type"], full["yarn_rotary_scaling_factor"],
+                    full["yarn_original_max_position_embeddings"], full["distributed_optimizer"]) == (
+                "yarn", yarn, 40960, True), name
+        else:
+            assert full["position_embedding_type"] == "rope", name
+        assert {k: from_yaml[k] for k in full} == full, name
+        assert (lora["peft"], lora["tensor_model_parallel_size"], lora["sequence_parallel"],
+                lora["context_parallel_size"]) == ("LoRA", 1, False, cp), name
+
+
 def test_dry_run_prints_the_resolved_config(hf_configs, tmp_path):
     root, data = hf_configs
     recipe = tmp_path / "my.yaml"
@@ -321,7 +356,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "bad_type": ["train", "tiny", *ok, "train.train_iters=many"],
         "missing_hf_path": ["train", "tiny", f"output_dir={out}"],
         "seq_mismatch": ["train", "tiny", *ok, "dataset.seq_length=128"],
-        "cp_without_te": ["train", "tiny", *ok, "context_parallel=2"],
+        "fp8_without_te": ["train", "tiny", *ok, "model.fp8=hybrid"],  # context parallelism runs without TE
         "multimodal": ["train", "tiny", f"hf_path={gemma3_mm}", f"output_dir={out}"],
         "convert_missing": ["convert", "import", str(tmp_path / "nope"), str(tmp_path / "converted")],
         "lr_below_min_lr": ["train", "tiny", *ok, "lr=1e-5"],  # tiny's min_lr is 2e-4
@@ -341,7 +376,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_llama, tmp_path):
         "bad_type": "train.train_iters='many': expected int",
         "missing_hf_path": "recipe tiny needs hf_path=...",
         "seq_mismatch": "dataset.seq_length=128 but model.seq_length=256",
-        "cp_without_te": "model.context_parallel_size=2 needs Transformer Engine, which is not available on the CPU",
+        "fp8_without_te": "model.fp8=hybrid needs Transformer Engine, which is not available on the CPU",
         "multimodal": "bridge-sft convert text-only",
         "convert_missing": "nope: no such directory",
         "lr_below_min_lr": "optimizer.min_lr=0.0002 is above optimizer.lr=1e-05",

@@ -213,3 +213,53 @@ def nemotron3_nano_4b(hf_path: str = "nvidia/NVIDIA-Nemotron-3-Nano-4B-BF16", da
 
 HYBRID_PRESETS = {fn.__name__: fn for fn in (nemotron3_nano_4b,)}
 PRESETS.update(HYBRID_PRESETS)
+
+
+# --- Long-context presets (context parallelism) ---------------------------------------------------------------
+# Megatron-Bridge 0.6.2's long-context SFT recipes (megatron/bridge/recipes/qwen/h100/qwen3.py:
+# qwen3_8b_sft_8gpu_h100_bf16_32k_config, qwen3_600m_sft_8gpu_h100_bf16_yarn_128k_config): context parallelism
+# (each sequence split over CP ranks, every packed sequence padded to a multiple of 2 x CP, Bridge's
+# ``pad_seq_to_mult``), per-token loss averaging (some CP ranks hold no supervised token), no fused
+# cross-entropy. Training without TE runs the same settings on te_torch's attention (bridge_sft.runtime).
+
+
+def _long_context(config, pad_seq_to_mult: int | None = None, cp_comm_type: str | None = None):
+    config.model.cross_entropy_loss_fusion = False
+    config.model.calculate_per_token_loss = True
+    config.ddp.average_in_collective = False
+    if cp_comm_type is not None:
+        config.model.cp_comm_type = cp_comm_type
+    if pad_seq_to_mult is not None and hasattr(config.dataset, "pad_seq_to_mult"):
+        config.dataset.pad_seq_to_mult = pad_seq_to_mult
+    return config
+
+
+def qwen3_8b_32k(hf_path: str = "Qwen/Qwen3-8B", data=None, **overrides):
+    """Qwen3 8B at 32k tokens: TP=4 (sequence parallel) x CP=2 (all-to-all), 8 GPUs per replica, packed
+    global batch 8, sequences padded to multiples of 8 (Bridge's 32k recipe)."""
+    lora = overrides.get("peft") == "lora"  # LoRA: TP=1 (Bridge's PEFT default), so no sequence parallelism
+    config = _preset(hf_path, data, overrides, seq_length=32768, tensor_parallel=4, sequence_parallel=not lora,
+                     context_parallel=2, global_batch_size=8)
+    cp = config.model.context_parallel_size
+    return _long_context(config, pad_seq_to_mult=8 if cp == 2 else None, cp_comm_type="a2a")
+
+
+def qwen3_0p6b_128k(hf_path: str = "Qwen/Qwen3-0.6B", data=None, **overrides):
+    """Qwen3 0.6B at 128k tokens with YaRN (RoPE stretched from its native 40,960 positions, factor 3.2):
+    CP=8 (8 GPUs per replica), packed global batch 8, lr 1e-6 constant after 10 warmup steps, distributed
+    optimizer (Bridge's YaRN 128k recipe)."""
+    settings = {"seq_length": 131072, "context_parallel": 8, "global_batch_size": 8, "lr": 1e-6, "min_lr": 1e-6,
+                "warmup_iters": 10, "distributed_optimizer": True}
+    config = _long_context(_preset(hf_path, data, overrides, **settings))
+    model = config.model
+    model.position_embedding_type = "yarn"
+    model.yarn_original_max_position_embeddings = 40960
+    model.yarn_rotary_scaling_factor = model.seq_length / model.yarn_original_max_position_embeddings
+    model.yarn_beta_fast, model.yarn_beta_slow = 32.0, 1.0
+    model.yarn_mscale, model.yarn_mscale_all_dim = 1.0, 1.0
+    model.yarn_correction_range_round_to_int = False
+    return config
+
+
+LONG_CONTEXT_PRESETS = {fn.__name__: fn for fn in (qwen3_8b_32k, qwen3_0p6b_128k)}
+PRESETS.update(LONG_CONTEXT_PRESETS)

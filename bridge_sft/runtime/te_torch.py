@@ -13,7 +13,11 @@ communication, in plain torch:
 - ``DotProductAttention``: ``sbhd`` and packed ``thd`` (``cu_seqlens``), causal,
   sliding windows (``window_size=(left, right)``), grouped-query attention,
   attention sinks (``softmax_type`` ``"off-by-one"``/``"learnable"``, the
-  ``softmax_offset`` parameter), dropout on the model-parallel RNG;
+  ``softmax_offset`` parameter), dropout on the model-parallel RNG, context parallelism
+  (``cp_group``: exact attention over megatron-core's load-balanced sequence shards,
+  ``bridge_sft.runtime.context_parallel``);
+- ``transformer_engine_torch.thd_get_partitioned_indices`` (megatron-core's THD
+  context-parallel split);
 - ``_SplitAlongDim`` and the fp8 entry points megatron imports unconditionally
   (fp8 itself is not available: ``FP8GlobalStateManager.is_fp8_enabled()`` is False).
 
@@ -37,6 +41,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.parameter import Parameter
+
+from bridge_sft.runtime import context_parallel
 
 __version__ = "2.9.0"  # the TE API these classes follow (megatron-core selects its code paths by version)
 
@@ -321,6 +327,13 @@ class DotProductAttention(torch.nn.Module):
     ``off-by-one`` (a sink logit of 0) or ``learnable`` (a sink logit per head, the
     ``softmax_offset`` parameter ``[heads]``).
 
+    Context parallelism (``cp_group`` of more than one rank, as megatron-core passes it, or
+    ``set_context_parallel_group``): the inputs are this rank's shards of each sequence
+    (chunks ``r`` and ``2C-1-r`` of ``2C``, per packed sequence for ``thd``, whose
+    ``cu_seqlens`` stay the unsplit ones) and the output is exact attention for them;
+    every ``cp_comm_type`` computes the same result (K/V by all-gather,
+    ``bridge_sft.runtime.context_parallel``).
+
     Kernel: torch's ``scaled_dot_product_attention`` (flash / memory-efficient on a GPU: no
     ``s x s`` probabilities kept for backward); with attention sinks, or ``use_sdpa = False``
     (the GPU check's comparison), an explicit fp32 softmax over ``q k^T``.
@@ -335,8 +348,6 @@ class DotProductAttention(torch.nn.Module):
                  attention_type: str = "self", softmax_scale: float | None = None, softmax_type: str = "vanilla",
                  return_max_logit: bool = False, **unused: Any):
         super().__init__()
-        if unused.get("cp_group") is not None:
-            raise NotImplementedError("context parallelism needs Transformer Engine's attention")
         if return_max_logit:
             raise NotImplementedError("qk-clip / max-logit logging needs Transformer Engine's attention")
         group, size = _tp(tp_group)
@@ -356,6 +367,20 @@ class DotProductAttention(torch.nn.Module):
             _mark_tensor_parallel(self.softmax_offset, True, 0)
         elif softmax_type not in ("vanilla", "off-by-one"):
             raise ValueError(f"softmax_type {softmax_type!r} is not supported")
+        self.set_context_parallel_group(unused.get("cp_group"), unused.get("cp_global_ranks"),
+                                        unused.get("cp_stream"), unused.get("cp_comm_type", "p2p"))
+
+    def set_context_parallel_group(self, cp_group, cp_global_ranks, cp_stream, cp_comm_type: str = "p2p") -> None:
+        """TE's API: attend over the sequence shards of ``cp_group`` (None: no context parallelism)."""
+        if isinstance(cp_group, (list, tuple)):  # "a2a+p2p": TE's hierarchical groups
+            raise NotImplementedError(f"cp_comm_type {cp_comm_type!r} (hierarchical context parallelism) needs "
+                                      "Transformer Engine's attention: use cp_comm_type 'p2p', 'all_gather' or 'a2a'")
+        self.cp_group = cp_group
+        self.cp_global_ranks = cp_global_ranks
+        self.cp_comm_type = cp_comm_type
+
+    def _cp_size(self) -> int:
+        return 1 if self.cp_group is None else torch.distributed.get_world_size(self.cp_group)
 
     def forward(self, query_layer, key_layer, value_layer, attention_mask=None, qkv_format: str | None = None,
                 cu_seqlens_q=None, cu_seqlens_kv=None, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None,
@@ -371,6 +396,10 @@ class DotProductAttention(torch.nn.Module):
         rng = self.get_rng_state_tracker().fork() if self.get_rng_state_tracker and self.training and self.dropout_p \
             else contextlib.nullcontext()
         with rng:
+            if self._cp_size() > 1:
+                bounds = cu_seqlens_q_padded if cu_seqlens_q_padded is not None else cu_seqlens_q
+                return context_parallel.attention(self._attend, query_layer, key_layer, value_layer, qkv_format,
+                                                  self.cp_group, causal, window, bias, bounds)
             if qkv_format == "thd":
                 bounds = cu_seqlens_q_padded if cu_seqlens_q_padded is not None else cu_seqlens_q
                 bounds = bounds.tolist()
@@ -391,31 +420,37 @@ class DotProductAttention(torch.nn.Module):
             out = self._attend(q, k, v, causal, window, bias)  # [b, h, s, d]
             return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)
 
-    def _visible(self, sq: int, sk: int, causal: bool, window, device) -> torch.Tensor | None:
-        """Boolean ``[sq, sk]`` mask of the keys each query sees (bottom-right aligned), or None for all."""
+    def _visible(self, sq: int, sk: int, causal: bool, window, device, q_offset: int | None = None):
+        """Boolean ``[sq, sk]`` mask of the keys each query sees, or None for all. Query ``i`` is at key
+        position ``q_offset + i`` (default ``sk - sq``: bottom-right aligned)."""
         left, right = window if window is not None else (-1, 0 if causal else -1)
         if causal:
             right = 0
         if left < 0 and right < 0:
             return None
-        offset = torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None] - (sk - sq)
+        q_offset = sk - sq if q_offset is None else q_offset
+        # Comparisons of a key row against a query column: no [sq, sk] integer matrix (long sequences).
+        keys = torch.arange(sk, device=device)[None, :]
+        queries = torch.arange(sq, device=device)[:, None] + q_offset
         visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
         if right >= 0:
-            visible &= offset <= right
+            visible &= keys <= queries + right
         if left >= 0:
-            visible &= offset >= -left
+            visible &= keys >= queries - left
         return visible
 
-    def _attend(self, q, k, v, causal: bool, window, bias) -> torch.Tensor:
-        """``[b, h, s, d]`` query, ``[b, g, s, d]`` key/value -> ``[b, h, s, d_v]``."""
+    def _attend(self, q, k, v, causal: bool, window, bias=None, q_offset: int | None = None) -> torch.Tensor:
+        """``[b, h, sq, d]`` query, ``[b, g, sk, d]`` key/value -> ``[b, h, sq, d_v]``; query ``i`` sits at key
+        position ``q_offset + i`` (default: the last ``sq`` keys')."""
         if self.heads != self.groups:
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
         dropout = self.dropout_p if self.training else 0.0
-        plain_causal = causal and bias is None and (window is None or window[0] < 0) and q.size(2) == k.size(2)
+        plain_causal = (causal and bias is None and (window is None or window[0] < 0) and q.size(2) == k.size(2)
+                        and not q_offset)
         if self.softmax_type == "vanilla" and self.use_sdpa and plain_causal:  # no mask tensor: flash kernels apply
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
-        visible = self._visible(q.size(2), k.size(2), causal, window, q.device)
+        visible = self._visible(q.size(2), k.size(2), causal, window, q.device, q_offset)
         if self.softmax_type == "vanilla" and self.use_sdpa:
             mask = visible if bias is None else (bias if visible is None else bias.masked_fill(~visible, -math.inf))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
@@ -489,6 +524,8 @@ PROVIDES = {
         "fp8_model_init": fp8_model_init,
     },
     "transformer_engine.pytorch.attention": {"_SplitAlongDim": _SplitAlongDim},
+    # TE's C++ extension module: megatron-core's utils import it beside transformer_engine (THD CP split).
+    "transformer_engine_torch": {"thd_get_partitioned_indices": context_parallel.thd_get_partitioned_indices},
     # Imported without a guard for TE >= 2.7; megatron uses them only with moe_router_fusion (off without TE).
     "transformer_engine.pytorch.router": {"fused_topk_with_score_function": None,
                                           "fused_compute_score_for_moe_aux_loss": None, "fused_moe_aux_loss": None},

@@ -5,11 +5,14 @@ Usage: ``moe_train.py SPEC.json`` (alone, or under torchrun). SPEC keys:
 - ``hf``: tiny HF MoE model dir; ``out``: result JSON path (rank 0); ``grads``: path prefix: each rank
   writes ``{prefix}.rank{r}.pt`` = ``{iteration: {name: finalized gradient}}`` (expert parameters
   under their global expert index) for the iterations whose schedule entry has ``"grads": true``
-- ``samples``: ``{"tokens", "labels", "loss_mask"[, "padding"]}`` lists of ``seq_length``;
+- ``samples``: ``{"tokens", "labels", "loss_mask"[, "padding"][, "packed"]}`` lists of ``seq_length``;
   ``padding`` = number of trailing padding slots (marked in the batch's ``padding_mask``);
+  ``packed`` = ``[real, padded]`` cumulative sequence boundaries of a THD pack (``cu_seqlens_q`` and
+  ``cu_seqlens_q_padded``; position ids restart at each padded boundary);
   sample ``i`` of the run is ``samples[i % len(samples)]``
-- ``seq_length``, ``mbs``, ``gbs``, ``tp``, ``ep``, ``etp``, ``sp`` (sequence parallel),
-  ``model`` (extra model-provider fields)
+- ``seq_length``, ``mbs``, ``gbs``, ``tp``, ``ep``, ``etp``, ``sp`` (sequence parallel), ``cp``
+  (context parallel), ``model`` (extra model-provider fields), ``record`` (rank 0 keeps every training
+  micro-batch's per-token losses ``[b, seq_length]``, put back together from the CP ranks' shards)
 - ``schedule``: one entry per iteration: ``step`` ("ours" = bridge_sft's forward step, "bridge" =
   Bridge's ``gpt_step.forward_step``), ``aux`` (moe_aux_loss_coeff), ``z`` (moe_z_loss_coeff or
   None), ``capacity`` (moe_expert_capacity_factor or None), ``grads``, ``router_inputs`` (rank 0
@@ -19,7 +22,9 @@ Usage: ``moe_train.py SPEC.json`` (alone, or under torchrun). SPEC keys:
   ``moe_config_errors.check_cases`` (bad MoE settings through ``check_config``) to ``out``
 
 The weights never move (SGD, lr 0), so every iteration's gradient is taken at the same point.
-Result JSON: ``losses`` {iteration: lm loss}, ``world_size``, ``health`` (``RouterHealth.history``);
+Result JSON: ``losses`` {iteration: lm loss}, ``world_size``, ``health`` (``RouterHealth.history``),
+``per_token`` (with ``record``: per training micro-batch, ``loss`` and ``num_tokens`` as Bridge's loss
+function returned them on rank 0, and the gathered per-token losses);
 ``{prefix}.router_inputs.pt``:
 ``{iteration: [(hidden [s, b, h], padding_mask [s, b] or None), ...]}`` and the router weight.
 """
@@ -32,8 +37,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from _common import Tee
 
 from bridge_sft.recipes import sft
+from bridge_sft import step as step_module
 from bridge_sft.step import forward_step
 from bridge_sft.train import run
 from bridge_sft.moe import RouterHealth  # after bridge_sft.recipes: the CPU runtime gate
@@ -58,9 +65,17 @@ class ListDataset(torch.utils.data.Dataset):
         n = len(s["tokens"])
         padding = torch.zeros(n, dtype=torch.bool)
         padding[n - s.get("padding", 0):] = True
-        return {"tokens": torch.tensor(s["tokens"]), "labels": torch.tensor(s["labels"]),
+        item = {"tokens": torch.tensor(s["tokens"]), "labels": torch.tensor(s["labels"]),
                 "loss_mask": torch.tensor(s["loss_mask"], dtype=torch.float32),
                 "position_ids": torch.arange(n), "padding_mask": padding}
+        if "packed" in s:
+            real, padded = (torch.tensor(b, dtype=torch.int32) for b in s["packed"])
+            for start, end in zip(padded[:-1].tolist(), padded[1:].tolist()):
+                item["position_ids"][start:end] = torch.arange(end - start)
+            longest = torch.diff(padded).max().reshape(1)
+            item.update(cu_seqlens_q=real, cu_seqlens_kv=real, cu_seqlens_q_padded=padded,
+                        cu_seqlens_kv_padded=padded, max_seqlen_q=longest, max_seqlen_kv=longest)
+        return item
 
 
 @dataclass(kw_only=True)
@@ -70,6 +85,43 @@ class ListProvider(DatasetProvider):
 
     def build_datasets(self, context):
         return ListDataset(self.samples, context.train_samples), None, None
+
+
+LAST_BATCH = []  # the micro-batch get_batch read last (before its CP split)
+
+
+def recording_get_batch(data_iterator, *args, **kwargs):
+    """``bridge_sft.step``'s ``get_batch`` (Bridge's), keeping the whole micro-batch it reads. (The MoE forward
+    step reads a step's micro-batches ahead, keyed by the data iterator: a wrapper there would break it.)"""
+    tee = Tee(data_iterator)
+    out = gpt_step.get_batch(tee, *args, **kwargs)
+    LAST_BATCH[:] = [tee.last]
+    return out
+
+
+def gather_context_parallel(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """This CP rank's per-token losses ``[b, s / CP]`` back in sequence order ``[b, s]`` (all ranks call it)."""
+    from megatron.bridge.training.utils.packed_seq_utils import get_thd_cp_partition_indices
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    group = parallel_state.get_context_parallel_group()
+    size, s = group.size(), batch["tokens"].size(-1)
+    if size == 1:
+        return per_token
+    if "cu_seqlens_q_padded" in batch:  # the split Bridge's get_batch applies to packed batches
+        index = get_thd_cp_partition_indices(batch["cu_seqlens_q_padded"].reshape(-1), total_tokens=s,
+                                             cp_group=group, device=per_token.device).long()
+    else:
+        index = get_batch_on_this_cp_rank({"i": torch.arange(s).unsqueeze(0), "cu_seqlens": None},
+                                          is_hybrid_cp=False, cp_group=group)["i"][0]
+    shards = [torch.empty_like(per_token) for _ in range(size)]
+    indices = [torch.empty_like(index) for _ in range(size)]
+    torch.distributed.all_gather(shards, per_token.contiguous(), group=group)
+    torch.distributed.all_gather(indices, index, group=group)
+    full = per_token.new_zeros(per_token.size(0), s)
+    for shard, idx in zip(shards, indices):
+        full[:, idx] = shard
+    return full
 
 
 def unwrap(module):
@@ -85,6 +137,8 @@ def routers(model):
 def global_name(name, num_experts):
     """Local expert j on expert-parallel rank r is global expert r * (E / EP) + j: in ``SequentialMLP``'s
     ``experts.local_experts.j.*`` names and in ``TEGroupedMLP``'s ``experts.linear_fc*.weightj``."""
+    if not num_experts:  # a dense model
+        return name
     offset = parallel_state.get_expert_model_parallel_rank() * (
         num_experts // parallel_state.get_expert_model_parallel_world_size())
     marker = ".experts.local_experts."
@@ -147,14 +201,28 @@ def main(spec_path):
 
         errors = check_cases(spec["hf"], spec["config_errors"]["dense"])
         json.dump(errors, open(spec["config_errors"]["out"], "w"))
-    result = {"losses": {}}
+    result = {"losses": {}, "per_token": []}
+    if spec.get("record"):
+        step_module.get_batch = recording_get_batch
     schedule = spec["schedule"]
 
     def scheduled_forward_step(state, data_iterator, model, return_schedule_plan=False):
         step = schedule[state.train_state.step]["step"] if model.training else "ours"
         if step == "bridge":
             return gpt_step.forward_step(state, data_iterator, model, return_schedule_plan)
-        return forward_step(state, data_iterator, model, return_schedule_plan)
+        if not (spec.get("record") and model.training):
+            return forward_step(state, data_iterator, model, return_schedule_plan)
+        output, loss_func = forward_step(state, data_iterator, model, return_schedule_plan)
+        batch = LAST_BATCH.pop()
+
+        def recorded_loss(output_tensor):
+            loss_sum, num_tokens, report = loss_func(output_tensor)
+            full = gather_context_parallel(output_tensor.detach().float(), batch)
+            result["per_token"].append({"loss_sum": float(loss_sum), "num_tokens": int(num_tokens),
+                                        "per_token": full.tolist()})
+            return loss_sum, num_tokens, report
+
+        return output, recorded_loss
 
     config = sft(
         spec["hf"],
@@ -164,6 +232,7 @@ def main(spec_path):
         seq_length=spec["seq_length"],
         tensor_parallel=spec.get("tp", 1),
         sequence_parallel=spec.get("sp", False),
+        context_parallel=spec.get("cp", 1),
         micro_batch_size=spec.get("mbs", 1),
         global_batch_size=spec.get("gbs", 4),
         train_iters=len(schedule),
@@ -183,7 +252,8 @@ def main(spec_path):
     if int(os.environ.get("RANK", "0")) == 0:
         result["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
         atexit.register(lambda: json.dump({**result, "health": health.history}, open(spec["out"], "w")))
-    run(config, callbacks=[Schedule(spec, result), health], forward_step_func=scheduled_forward_step)
+    callbacks = [Schedule(spec, result)] + ([health] if config.model.num_moe_experts else [])  # dense: no routers
+    run(config, callbacks=callbacks, forward_step_func=scheduled_forward_step)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from bridge_sft.train import check_config
 
 FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
           "vocab_size", "share_embeddings_and_output_weights", "seq_length", "tensor_model_parallel_size",
-          "calculate_per_token_loss", "rotary_base", "window_size", "interleaved_attn_pattern")
+          "calculate_per_token_loss", "rotary_base", "window_size", "interleaved_attn_pattern",
+          "context_parallel_size", "cp_comm_type", "cross_entropy_loss_fusion", "position_embedding_type",
+          "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings")
 MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
               "moe_layer_freq", "multi_latent_attention", "kv_lora_rank", "expert_model_parallel_size",
               "expert_tensor_parallel_size", "pipeline_model_parallel_size", "sequence_parallel")
@@ -31,6 +33,8 @@ def shapes(config):
     model["peft"] = type(config.peft).__name__ if config.peft else None
     model.update({name: getattr(config.model, name, None) for name in MOE_FIELDS + MAMBA_FIELDS})
     model["global_batch_size"] = config.train.global_batch_size
+    model["pad_seq_to_mult"] = config.dataset.pad_seq_to_mult
+    model["distributed_optimizer"] = config.optimizer.use_distributed_optimizer
     model["lora"] = [config.peft.target_modules, config.peft.dim, config.peft.alpha] if config.peft else None
     return model
 
