@@ -12,7 +12,7 @@ bundled dialogs, 200 held-out dialogs, global batch 8 packs), each evaluating ev
 - ``full pass + eval_samples=2``: the demo's setting (2 prompts, 24 new tokens at most).
 
 Per variant: the median wall time of an evaluation (Bridge's ``on_eval_start`` to our callbacks'
-``on_eval_end``), the supervised tokens it covered, and the spread of its validation losses at learning
+``on_eval_end``) and the part of it ``eval_samples`` took, the supervised tokens it covered, and the spread of its validation losses at learning
 rate 0 (the same weights every time: 0 for a full pass). Ratios against the sampled window of the same run.
 
 ``python benchmarks/validation.py [--quick]``.
@@ -66,14 +66,21 @@ def _worker(spec_path: str) -> None:
     throughput, history = TokenThroughput(), LossHistory()
     timer = EvalTimer()
     callbacks = [throughput, history]
+    sampling_seconds = []
     if spec["eval_samples"]:
         from bridge_sft.eval_samples import EvalSamples
 
-        callbacks.append(EvalSamples(spec["eval_samples"], 24))
+        class TimedEvalSamples(EvalSamples):
+            def on_eval_end(self, context):
+                start = time.perf_counter()
+                super().on_eval_end(context)
+                sampling_seconds.append(time.perf_counter() - start)
+
+        callbacks.append(TimedEvalSamples(spec["eval_samples"], 24))
     train.run(config, callbacks=[*callbacks, timer])
     losses = [loss for _, loss in history.evaluations]
     Path(spec["result"]).write_text(json.dumps({
-        "seconds": timer.seconds, "tokens": [t for _, t in throughput.evaluations], "losses": losses,
+        "seconds": timer.seconds, "sampling_seconds": sampling_seconds, "tokens": [t for _, t in throughput.evaluations], "losses": losses,
         "eval_iters": config.validation.eval_iters}))
 
 
@@ -92,6 +99,7 @@ def run(quick: bool = False) -> list[dict]:
             in_training = r["seconds"][:-1] or r["seconds"]  # the evaluation after training repeats the last
             rows.append({"variant": name, "eval_iters": r["eval_iters"],
                          "seconds per evaluation": statistics.median(in_training),
+                         "of which eval_samples": statistics.median(r["sampling_seconds"][:-1] or [0.0]),
                          "supervised tokens per evaluation": statistics.median(r["tokens"]),
                          "loss spread at lr 0": max(r["losses"]) - min(r["losses"])})
     base = rows[0]["seconds per evaluation"]
