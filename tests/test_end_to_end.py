@@ -36,7 +36,7 @@ def bridge_sft(*args, cwd):
 def test_train_tiny_from_the_command_line_hf_in_hf_out(tiny_llama, tmp_path):
     out = tmp_path / "run"
     proc = bridge_sft("train", "tiny", f"hf_path={tiny_llama}", f"output_dir={out}", "train_iters=12",
-                      "log_interval=1", "eval_interval=6", "save_interval=12", cwd=tmp_path)
+                      "log_interval=1", "eval_interval=6", "save_interval=12", "eval_samples=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # The log holds Bridge's full output: its config dump, its per-iteration lines, ours.
     log_path = out / "logs" / "rank0.log"
@@ -58,10 +58,15 @@ def test_train_tiny_from_the_command_line_hf_in_hf_out(tiny_llama, tmp_path):
     after = re.search(r"^validation after training \(iteration 12\): (loss .*)$", proc.stdout, re.M)
     assert last and after and last.group(1) == after.group(1), proc.stdout
     assert "200 samples held out for validation (all of them at every evaluation)" in proc.stdout
+    # eval_samples=1: the greedy answer to one held-out prompt after each evaluation (not again after training)
+    answered = re.findall(r"^sample 1/1 at iteration (\d+): .*\n  answer: .*\n  reference: .+$", proc.stdout, re.M)
+    assert answered == ["6", "12"], proc.stdout
+    assert "sample 1/1 at iteration 12: " in log  # the rank log has them too, and TensorBoard as text
+    assert b"eval_samples/1" in b"".join(p.read_bytes() for p in (out / "tb_logs").rglob("events.out.tfevents*"))
     assert "checkpoint saved at iteration 12" in proc.stdout and "done: 12 iterations" in proc.stdout
     assert re.search(rf"^  full log +{re.escape(str(log_path))}", proc.stdout, re.M)
     assert not ALARMING.search(console), console
-    assert len(console.splitlines()) < 40
+    assert len(console.splitlines()) < 46  # header, 12 progress lines, 3 validations, 2 x 3 sample lines, summary
     export = out / "checkpoints" / "iter_0000012" / "hf"
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
 
