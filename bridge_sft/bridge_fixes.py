@@ -21,6 +21,7 @@ def apply() -> None:
     _post_layernorm_epsilon()
     _expert_bias_with_padding_mask()
     _mla_query_projection_without_norm()
+    _exaone4_untied_output_layer()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -112,3 +113,29 @@ def _mla_query_projection_without_norm() -> None:
 
     _resolve_mla_qk_layernorm._bridge_sft_fixed = True
     QKNormConfigResolver._resolve_mla_qk_layernorm = _resolve_mla_qk_layernorm
+
+
+# --- 2026 families (issue 20) ---
+def _exaone4_untied_output_layer() -> None:
+    """Megatron-Bridge 0.6.2's EXAONE 4 bridge maps no ``lm_head.weight`` (it assumes tied embeddings, as
+    EXAONE 4.0 1.2B has), so a checkpoint with its own output layer (EXAONE 4.0 32B:
+    ``tie_word_embeddings`` false) stops on load with ``AttributeError: 'NoneType' object has no attribute
+    'megatron_module'``. Map ``output_layer.weight`` to ``lm_head.weight`` (unused when tied: Megatron then
+    has no ``output_layer.weight``)."""
+    from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+    from megatron.bridge.models.exaone.exaone4.exaone4_bridge import Exaone4Bridge
+
+    registry = Exaone4Bridge.mapping_registry
+    if getattr(registry, "_bridge_sft_fixed", False):
+        return
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        mappings = registry(self)
+        if not any(m.megatron_param == "output_layer.weight" for m in mappings.mappings):
+            return MegatronMappingRegistry(*mappings.mappings,
+                                           AutoMapping(megatron_param="output_layer.weight", hf_param="lm_head.weight"))
+        return mappings
+
+    mapping_registry._bridge_sft_fixed = True
+    Exaone4Bridge.mapping_registry = mapping_registry
