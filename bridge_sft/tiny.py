@@ -444,6 +444,23 @@ def _randomise_constant_inits(model, seed: int) -> None:
             flat = param.detach().reshape(-1)
             if flat.numel() and bool((flat == flat[0]).all()):
                 param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        _randomise_expert_bias(model, generator)
+
+
+# Model types whose router expert bias (a buffer, left at zero above) the tiny builder randomises, so that
+# routing which drops it or applies it to the wrong scores picks other experts and is caught.
+RANDOM_EXPERT_BIAS = ("ernie4_5_moe", "minimax_m2")
+
+
+def _randomise_expert_bias(model, generator) -> None:
+    """Add 0.1 * N(0, 1) to every ``e_score_correction_bias`` buffer of a ``RANDOM_EXPERT_BIAS`` model."""
+    import torch
+
+    if model.config.model_type not in RANDOM_EXPERT_BIAS:
+        return
+    for name, buffer in sorted(model.named_buffers()):
+        if name.endswith("e_score_correction_bias"):
+            buffer.add_(0.1 * torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype))
 
 
 def published_tiny_config(name: str, tokenizer):
