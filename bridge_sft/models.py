@@ -293,13 +293,21 @@ def _ernie45_as_hf(provider, hf_config) -> None:
       ``e_score_correction_bias`` and weighs them by their softmax renormalised over the top-k.
       megatron-core 0.19.2 has no such score function (its softmax ignores the expert bias, and its config
       allows the bias with sigmoid only), so the routers get ``ERNIE_ROUTING``, served by
-      ``_ernie_topk_routing`` (the expert bias and its aux-loss-free updates stay megatron-core's)."""
+      ``_ernie_topk_routing`` (the expert bias and its aux-loss-free updates stay megatron-core's);
+    - it hard-codes the RoPE base (500,000, ERNIE-4.5-21B-A3B's) and ignores ``moe_layer_end_index`` and
+      ``moe_layer_interval``: take them from the config as HF's decoder layers do."""
     from megatron.bridge.models.ernie.ernie_45_bridge import _ernie45_decoder_block_spec
 
     if getattr(hf_config, "model_type", "") != "ernie4_5_moe":
         return
     if provider.transformer_layer_spec is _ernie45_decoder_block_spec:
         provider.transformer_layer_spec = ernie45_decoder_block_spec
+    provider.rotary_base = (hf_config.rope_parameters or {}).get("rope_theta", provider.rotary_base)
+    if getattr(hf_config, "mlp_layer_types", None) is None:
+        start, end = hf_config.moe_layer_start_index, hf_config.moe_layer_end_index  # HF resolves end -1 to the last
+        interval = hf_config.moe_layer_interval
+        provider.moe_layer_freq = [int((i + 1) % interval == 0 and start <= i <= end)
+                                   for i in range(hf_config.num_hidden_layers)]
     provider.moe_router_fusion = False  # TE's fused router knows no ERNIE_ROUTING
     _serve_ernie_routing()
     provider.register_pre_wrap_hook(_set_ernie_routing)
