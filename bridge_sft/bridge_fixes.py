@@ -22,7 +22,6 @@ def apply() -> None:
     _expert_bias_with_padding_mask()
     _mla_query_projection_without_norm()
     _exaone4_untied_output_layer()
-    _minimax_m2_qk_norm_on_parameter_device()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -141,31 +140,3 @@ def _exaone4_untied_output_layer() -> None:
     mapping_registry._bridge_sft_fixed = True
     Exaone4Bridge.mapping_registry = mapping_registry
 
-
-def _minimax_m2_qk_norm_on_parameter_device() -> None:
-    """Megatron-Bridge 0.6.2's MiniMax-M2 full-width q/k norm mapping (``_FullDimQKNormMapping``) loads a
-    tensor-parallel checkpoint through ``torch.device("cuda", torch.cuda.current_device())`` whatever device
-    the model is on, so MiniMax-M2 with tensor parallelism cannot be loaded on the CPU (gloo). Broadcast on the
-    target parameter's device instead (the same device on a GPU host)."""
-    import torch
-    from megatron.bridge.models.minimax_m2 import minimax_m2_bridge
-
-    cls = minimax_m2_bridge._FullDimQKNormMapping
-    if getattr(cls.hf_to_megatron, "_bridge_sft_fixed", False):
-        return
-
-    def hf_to_megatron(self, hf_weights, megatron_module):
-        target = megatron_module.weight
-        if self.tp_size == 1:
-            return hf_weights.to(device=target.device, dtype=target.dtype)
-        shard_size = target.shape[0]
-        _, shard_rank = self._get_shard_spec(shard_size=shard_size, megatron_module=megatron_module,
-                                             global_size_attr="global_dim")
-        hf_weights = hf_weights.to(device=target.device, dtype=target.dtype)
-        if self.tp_rank > 0:
-            hf_weights = torch.empty_like(hf_weights)
-        full_weight = self.broadcast_tensor_to_tp_ranks(hf_weights, src_rank=0)
-        return full_weight[shard_rank * shard_size:(shard_rank + 1) * shard_size]
-
-    hf_to_megatron._bridge_sft_fixed = True
-    cls.hf_to_megatron = hf_to_megatron
