@@ -22,6 +22,7 @@ def apply() -> None:
     _expert_bias_with_padding_mask()
     _mla_query_projection_without_norm()
     _exaone4_untied_output_layer()
+    _gemma4_dense_te_attention()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -139,4 +140,29 @@ def _exaone4_untied_output_layer() -> None:
 
     mapping_registry._bridge_sft_fixed = True
     Exaone4Bridge.mapping_registry = mapping_registry
+
+
+def _gemma4_dense_te_attention() -> None:
+    """Megatron-Bridge 0.6.2's dense Gemma 4 provider (``Gemma4DenseProvider.build``) builds its layers from
+    ``get_gemma4_layer_spec``, a local spec whose core attention, megatron-core's unfused
+    ``DotProductAttention``, refuses packed (THD) sequences ("Packed sequence is not supported by
+    DotProductAttention"), on every host; Bridge's MoE Gemma 4 spec already uses TE's. Build the dense
+    layers with ``TEDotProductAttention`` (``te_torch`` on the CPU runtime): its per-layer window comes from
+    the provider's ``window_size`` / ``window_attn_skip_freq``, its softmax scale (1.0) from
+    ``Gemma4DenseSelfAttention``'s own config."""
+    from megatron.bridge.models.gemma import gemma4_provider
+
+    local_spec = gemma4_provider.get_gemma4_layer_spec
+    if getattr(local_spec, "_bridge_sft_fixed", False):
+        return
+
+    def get_gemma4_layer_spec(config=None):
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        spec = local_spec(config)
+        spec.submodules.self_attention.submodules.core_attention = TEDotProductAttention
+        return spec
+
+    get_gemma4_layer_spec._bridge_sft_fixed = True
+    gemma4_provider.get_gemma4_layer_spec = get_gemma4_layer_spec
 

@@ -83,7 +83,8 @@ PUBLISHED.update({
                      "rope_theta": 1000000.0, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                "original_max_position_embeddings": 8192},
-                     "sliding_window": None, "max_position_embeddings": 65536, "tie_word_embeddings": True,
+                     "sliding_window": None, "layer_types": ["full_attention"] * 30,
+                     "max_position_embeddings": 65536, "tie_word_embeddings": True,
                      "torch_dtype": "bfloat16"},
 })
 EXPECTED_TP = {"llama31_8b": 2, "qwen25_7b": 2, "qwen3_4b": 2, "qwen3_8b": 4, "gemma3_12b": 4, "gemma3_27b": 8,
