@@ -23,6 +23,7 @@ def apply() -> None:
     _mla_query_projection_without_norm()
     _exaone4_untied_output_layer()
     _gemma4_dense_te_attention()
+    _gemma4_shared_kv_heads()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -165,4 +166,30 @@ def _gemma4_dense_te_attention() -> None:
 
     get_gemma4_layer_spec._bridge_sft_fixed = True
     gemma4_provider.get_gemma4_layer_spec = get_gemma4_layer_spec
+
+
+def _gemma4_shared_kv_heads() -> None:
+    """Megatron-Bridge 0.6.2's Gemma 4 bridge fills the absent k/v projections of KV-shared layers (Gemma 4
+    E2B/E4B: the last ``num_kv_shared_layers``) with zeros sized by ``num_global_key_value_heads`` on
+    global layers, which is None unless ``attention_k_eq_v`` (HF then uses ``num_key_value_heads``), so loading
+    stops with ``TypeError: unsupported operand type(s) for *: 'NoneType' and 'int'``. Give the bridge the
+    head count HF's attention uses."""
+    import copy
+
+    from megatron.bridge.models.gemma.gemma4_bridge import Gemma4Bridge
+
+    text_config = Gemma4Bridge._text_config
+    if getattr(text_config, "_bridge_sft_fixed", False):
+        return
+
+    def _text_config(self):
+        config = text_config(self)
+        if config is None or getattr(config, "attention_k_eq_v", False) or not hasattr(config, "num_key_value_heads"):
+            return config
+        config = copy.copy(config)
+        config.num_global_key_value_heads = config.num_key_value_heads
+        return config
+
+    _text_config._bridge_sft_fixed = True
+    Gemma4Bridge._text_config = _text_config
 

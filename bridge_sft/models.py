@@ -93,11 +93,15 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
         )
 
 
+# Model types whose Bridge provider hard-codes bf16 parameters (gpt-oss; Gemma 4's dense and MoE providers).
+BF16_PROVIDERS = ("gpt_oss", "gemma4_text")
+
+
 def _gpt_oss_dtype_from_checkpoint(provider, hf_config) -> None:
-    """Bridge's GPT-OSS provider hard-codes bf16 parameters, whatever the checkpoint's dtype (the other
-    bridges read it with ``dtype_from_hf``): an fp32 checkpoint would be rounded to bf16 on import, and
+    """Bridge's GPT-OSS and Gemma 4 providers hard-code bf16 parameters, whatever the checkpoint's dtype (the
+    other bridges read it with ``dtype_from_hf``): an fp32 checkpoint would be rounded to bf16 on import, and
     its round trip would not be exact. Use the checkpoint's dtype (bf16 for the published models)."""
-    if getattr(hf_config, "model_type", "") != "gpt_oss":
+    if getattr(hf_config, "model_type", "") not in BF16_PROVIDERS:
         return
     dtype = getattr(hf_config, "dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype

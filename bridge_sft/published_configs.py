@@ -184,9 +184,21 @@ TINY_SIZES = {
 
 
 # --- 2026 families (issue 20): EXAONE 4, ERNIE 4.5 MoE, MiniMax-M2 ---
-SIZE_FIELDS = SIZE_FIELDS | {"moe_num_experts", "moe_k", "moe_layer_end_index", "rotary_dim"}
+SIZE_FIELDS = SIZE_FIELDS | {"moe_num_experts", "moe_k", "moe_layer_end_index", "rotary_dim", "global_head_dim",
+                             "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers"}
 
 PUBLISHED.update({
+    # google/gemma-4-E4B-it config.json, text_config: per-layer inputs, the last 18 layers share k/v
+    "gemma-4-e4b": ("gemma4", dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=256, global_head_dim=512, num_global_key_value_heads=None, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=512, layer_types=_layer_types(6, 42),
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}},
+        final_logit_softcapping=30.0, hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+        num_kv_shared_layers=18, use_double_wide_mlp=False, attention_k_eq_v=False, enable_moe_block=False,
+        attention_bias=False, tie_word_embeddings=True)),
     # LGAI-EXAONE/EXAONE-4.0-32B config.json: 3 sliding-window layers (RoPE) per global layer (no RoPE)
     "exaone-4.0-32b": ("exaone4", dict(
         hidden_size=5120, intermediate_size=27392, num_hidden_layers=64, num_attention_heads=40,
@@ -212,6 +224,9 @@ PUBLISHED.update({
 })
 
 TINY_SIZES.update({
+    "gemma-4-e4b": dict(num_hidden_layers=12, hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=64, global_head_dim=128, layer_types=_layer_types(6, 12),
+                        hidden_size_per_layer_input=16, vocab_size_per_layer_input=512, num_kv_shared_layers=5),
     "exaone-4.0-32b": dict(num_hidden_layers=4, hidden_size=160, intermediate_size=856, num_attention_heads=10,
                            num_key_value_heads=2, head_dim=16, sliding_window=512, layer_types=_layer_types(4, 4)),
     "ernie-4.5-21b-a3b": dict(num_hidden_layers=3, hidden_size=160, intermediate_size=768, moe_intermediate_size=96,

@@ -115,7 +115,7 @@ NEMOTRON_TEMPLATE = (
 )
 
 
-# --- 2026 families (issue 20): EXAONE 4, ERNIE 4.5, MiniMax-M2 ---
+# --- 2026 families (issue 20): Gemma 4, EXAONE 4, ERNIE 4.5, MiniMax-M2 ---
 # EXAONE 4: [|role|]\n ... [|endofturn|]\n; the assistant's turn ends with [|endofturn|].
 EXAONE_TEMPLATE = (
     "{% for message in messages %}"
@@ -144,6 +144,16 @@ MINIMAX_TEMPLATE = (
     "]~b]{{ role }}\n{{ message['content'] }}[e~[\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}]~b]ai\n{% endif %}"
+)
+
+# Gemma 4: <|turn>role\n ... <turn|>\n turns ("model" is the assistant's role; a system prompt has its own turn).
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
 
 
@@ -190,6 +200,8 @@ STYLES.update({
                             eos_token="<|end_of_sentence|>", pad_token="<unk>", bos_token="<|begin_of_sentence|>"),
     "minimax": TokenizerStyle(MINIMAX_TEMPLATE, ("<pad>", "]~!b[", "]~b]", "[e~["),
                               eos_token="[e~[", pad_token="<pad>"),
+    "gemma4": TokenizerStyle(GEMMA4_TEMPLATE, ("<pad>", "<bos>", "<eos>", "<|turn>", "<turn|>"),
+                             eos_token="<turn|>", pad_token="<pad>", bos_token="<bos>"),
 })
 
 
@@ -347,7 +359,7 @@ TINY_ARCHS = {
 MOE_ARCHS = ("qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "glm4_moe")
 
 
-# --- 2026 families (issue 20): EXAONE 4, ERNIE 4.5 MoE, MiniMax-M2 ---
+# --- 2026 families (issue 20): Gemma 4, EXAONE 4, ERNIE 4.5 MoE, MiniMax-M2 ---
 def _exaone4(s):
     """EXAONE 4.0 32B's layout: 3 sliding-window layers (RoPE) then 1 global layer (no RoPE), post-norms, q/k norms."""
     return {**_dense(s), "num_hidden_layers": 4, "rms_norm_eps": 1e-5, "head_dim": s.hidden_size // s.num_attention_heads,
@@ -373,7 +385,19 @@ def _minimax_m2(s):
             "use_routing_bias": True}
 
 
+def _gemma4(s):
+    """Gemma 4 E-model layout: 5 sliding-window layers per global one, wider global heads with partial RoPE,
+    per-layer inputs, the last layers sharing the k/v of earlier ones, soft-capped logits."""
+    head_dim = s.hidden_size // s.num_attention_heads
+    return {**_dense(s), "num_hidden_layers": 12, "rms_norm_eps": 1e-6, "head_dim": head_dim,
+            "global_head_dim": 2 * head_dim, "sliding_window": SLIDING_WINDOW,
+            "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2, "num_kv_shared_layers": 5,
+            "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": s.vocab_size,
+            "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"}
+
+
 TINY_ARCHS.update({
+    "gemma4": ("Gemma4TextConfig", "gemma4", _gemma4, True),
     "exaone4": ("Exaone4Config", "exaone", _exaone4, False),
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "ernie", _ernie4_5_moe, True),
     "minimax_m2": ("MiniMaxM2Config", "minimax", _minimax_m2, False),

@@ -30,7 +30,8 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
     and 4B, DeepSeek-V3 and Moonlight among them), only shrunk in size: per-token losses of a short dialog and
     a conversation of over 1,100 tokens (positions past 1,024, published windows crossed twice), packed in one
     THD row and one by one, through bridge_sft.step.forward_step, equal the HF model's within 1e-5
-    (fp32). A DeepSeek-V3 whose group-limited routing megatron-core scores differently is refused."""
+    (fp32; within HF's own fp32-vs-fp64 error where that is larger: Gemma 4). A DeepSeek-V3 whose
+    group-limited routing megatron-core scores differently is refused."""
     models = [build_published_tiny_model(tmp_path / name, name) for name in PUBLISHED]
     for hf_dir in models:
         assert lost_fields(hf_dir.name, AutoConfig.from_pretrained(hf_dir)) == [], hf_dir.name
@@ -45,7 +46,9 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
     assert set(results) == set(PUBLISHED)
     for name, r in results.items():
         assert "error" not in r, (name, r)
-        assert r["packed_vs_hf"] <= 1e-5 and r["unpacked_vs_hf"] <= 1e-5, (name, r)
+        # 1e-5, or HF's own fp32 rounding error where larger (Gemma 4's unscaled attention logits: ~1e-4)
+        tolerance = max(1e-5, r["hf_fp32_vs_fp64"] or 0.0)
+        assert r["packed_vs_hf"] <= tolerance and r["unpacked_vs_hf"] <= tolerance, (name, r)
         assert r["packed_vs_unpacked"] <= 1e-5, (name, r)
         assert r["loss_scale"] > 1.0 and r["supervised"] > 0, (name, r)
         assert len(r["lengths"]) == 2 and r["lengths"][1] > 1100 and r["lengths"][0] > 32, (name, r)
