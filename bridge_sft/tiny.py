@@ -386,12 +386,12 @@ def _minimax_m2(s):
 
 
 def _gemma4(s):
-    """Gemma 4 E-model layout: 5 sliding-window layers per global one, wider global heads with partial RoPE,
-    per-layer inputs, the last layers sharing the k/v of earlier ones, soft-capped logits."""
+    """Gemma 4 E-model features: sliding-window and global layers (wider global heads, partial RoPE), per-layer
+    inputs, the last layers sharing the k/v of earlier ones, soft-capped logits (the 5:1 pattern: gemma-4-e4b)."""
     head_dim = s.hidden_size // s.num_attention_heads
-    return {**_dense(s), "num_hidden_layers": 12, "rms_norm_eps": 1e-6, "head_dim": head_dim,
+    return {**_dense(s), "num_hidden_layers": 4, "rms_norm_eps": 1e-6, "head_dim": head_dim,
             "global_head_dim": 2 * head_dim, "sliding_window": SLIDING_WINDOW,
-            "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2, "num_kv_shared_layers": 5,
+            "layer_types": ["sliding_attention", "full_attention"] * 2, "num_kv_shared_layers": 2,
             "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": s.vocab_size,
             "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"}
 
