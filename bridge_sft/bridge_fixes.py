@@ -23,6 +23,9 @@ def apply() -> None:
     _router_token_count_with_padding_mask()
     _mla_query_projection_without_norm()
     _nemotron_h_embedding_name()
+    _exaone4_untied_output_layer()
+    _gemma4_dense_te_attention()
+    _gemma4_shared_kv_heads()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -180,3 +183,81 @@ def _nemotron_h_embedding_name() -> None:
     NemotronHBridge.build_conversion_tasks = build_conversion_tasks
     NemotronHBridge.mapping_registry = mapping_registry
     NemotronHBridge._bridge_sft_fixed_embedding = True
+
+
+# --- 2026 families (issue 20) ---
+def _exaone4_untied_output_layer() -> None:
+    """Megatron-Bridge 0.6.2's EXAONE 4 bridge maps no ``lm_head.weight`` (it assumes tied embeddings, as
+    EXAONE 4.0 1.2B has), so a checkpoint with its own output layer (EXAONE 4.0 32B:
+    ``tie_word_embeddings`` false) stops on load with ``AttributeError: 'NoneType' object has no attribute
+    'megatron_module'``. Map ``output_layer.weight`` to ``lm_head.weight`` (unused when tied: Megatron then
+    has no ``output_layer.weight``)."""
+    from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+    from megatron.bridge.models.exaone.exaone4.exaone4_bridge import Exaone4Bridge
+
+    registry = Exaone4Bridge.mapping_registry
+    if getattr(registry, "_bridge_sft_fixed", False):
+        return
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        mappings = registry(self)
+        if not any(m.megatron_param == "output_layer.weight" for m in mappings.mappings):
+            return MegatronMappingRegistry(*mappings.mappings,
+                                           AutoMapping(megatron_param="output_layer.weight", hf_param="lm_head.weight"))
+        return mappings
+
+    mapping_registry._bridge_sft_fixed = True
+    Exaone4Bridge.mapping_registry = mapping_registry
+
+
+def _gemma4_dense_te_attention() -> None:
+    """Megatron-Bridge 0.6.2's dense Gemma 4 provider (``Gemma4DenseProvider.build``) builds its layers from
+    ``get_gemma4_layer_spec``, a local spec whose core attention, megatron-core's unfused
+    ``DotProductAttention``, refuses packed (THD) sequences ("Packed sequence is not supported by
+    DotProductAttention"), on every host; Bridge's MoE Gemma 4 spec already uses TE's. Build the dense
+    layers with ``TEDotProductAttention`` (``te_torch`` on the CPU runtime): its per-layer window comes from
+    the provider's ``window_size`` / ``window_attn_skip_freq``, its softmax scale (1.0) from
+    ``Gemma4DenseSelfAttention``'s own config."""
+    from megatron.bridge.models.gemma import gemma4_provider
+
+    local_spec = gemma4_provider.get_gemma4_layer_spec
+    if getattr(local_spec, "_bridge_sft_fixed", False):
+        return
+
+    def get_gemma4_layer_spec(config=None):
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        spec = local_spec(config)
+        spec.submodules.self_attention.submodules.core_attention = TEDotProductAttention
+        return spec
+
+    get_gemma4_layer_spec._bridge_sft_fixed = True
+    gemma4_provider.get_gemma4_layer_spec = get_gemma4_layer_spec
+
+
+def _gemma4_shared_kv_heads() -> None:
+    """Megatron-Bridge 0.6.2's Gemma 4 bridge fills the absent k/v projections of KV-shared layers (Gemma 4
+    E2B/E4B: the last ``num_kv_shared_layers``) with zeros sized by ``num_global_key_value_heads`` on
+    global layers, which is None unless ``attention_k_eq_v`` (HF then uses ``num_key_value_heads``), so loading
+    stops with ``TypeError: unsupported operand type(s) for *: 'NoneType' and 'int'``. Give the bridge the
+    head count HF's attention uses."""
+    import copy
+
+    from megatron.bridge.models.gemma.gemma4_bridge import Gemma4Bridge
+
+    text_config = Gemma4Bridge._text_config
+    if getattr(text_config, "_bridge_sft_fixed", False):
+        return
+
+    def _text_config(self):
+        config = text_config(self)
+        if config is None or getattr(config, "attention_k_eq_v", False) or not hasattr(config, "num_key_value_heads"):
+            return config
+        config = copy.copy(config)
+        config.num_global_key_value_heads = config.num_key_value_heads
+        return config
+
+    _text_config._bridge_sft_fixed = True
+    Gemma4Bridge._text_config = _text_config
+

@@ -57,6 +57,8 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _packed_attention_for_gemma2(provider)
     _mla_latent_norm_eps(provider)
     _no_experts_without_moe_layers(provider, hf_config)
+    _exaone4_as_hf(provider, hf_config)
+    _ernie45_as_hf(provider, hf_config)
     return provider
 
 
@@ -130,11 +132,15 @@ def _no_experts_without_moe_layers(provider, hf_config) -> None:
         provider.moe_router_num_groups = provider.moe_router_group_topk = None
 
 
+# Model types whose Bridge provider hard-codes bf16 parameters (gpt-oss; Gemma 4's dense and MoE providers).
+BF16_PROVIDERS = ("gpt_oss", "gemma4_text")
+
+
 def _gpt_oss_dtype_from_checkpoint(provider, hf_config) -> None:
-    """Bridge's GPT-OSS provider hard-codes bf16 parameters, whatever the checkpoint's dtype (the other
-    bridges read it with ``dtype_from_hf``): an fp32 checkpoint would be rounded to bf16 on import, and
+    """Bridge's GPT-OSS and Gemma 4 providers hard-code bf16 parameters, whatever the checkpoint's dtype (the
+    other bridges read it with ``dtype_from_hf``): an fp32 checkpoint would be rounded to bf16 on import, and
     its round trip would not be exact. Use the checkpoint's dtype (bf16 for the published models)."""
-    if getattr(hf_config, "model_type", "") != "gpt_oss":
+    if getattr(hf_config, "model_type", "") not in BF16_PROVIDERS:
         return
     dtype = getattr(hf_config, "dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
@@ -273,3 +279,144 @@ def check_provider(model) -> None:
                     f"model.{key}={getattr(model, key)} needs Transformer Engine, which is not available on {where}: "
                     "run on a GPU host with TE, or turn it off."
                 )
+
+
+# --- 2026 families (issue 20): EXAONE 4 ---
+def _exaone4_as_hf(provider, hf_config) -> None:
+    """Megatron-Bridge 0.6.2's EXAONE 4 provider builds a model that is not the HF one:
+
+    - its layer spec (``exaone4_layer_spec``) sets ``qk_layernorm`` but gives no q/k norm modules, so
+      megatron-core builds none and loading the checkpoint's ``q_norm``/``k_norm`` stops with
+      ``AttributeError: 'NoneType' object has no attribute 'megatron_module'``; and its core attention
+      is the unfused ``DotProductAttention``, which refuses packed (THD) sequences;
+    - it ignores ``sliding_window`` / ``layer_types``: EXAONE 4.0 32B's sliding-window layers would see
+      everything, and its global layers, which HF runs without RoPE, would get RoPE.
+
+    Use ``exaone4_packed_layer_spec`` (TE core attention and q/k norms) and set megatron-core's own
+    per-layer window (``window_size``, ``window_attn_skip_freq``) and RoPE skipping (``no_rope_freq``)
+    from ``layer_types`` exactly as HF's ``Exaone4Attention`` applies them."""
+    from megatron.bridge.models.exaone.exaone4.exaone4_provider import exaone4_layer_spec
+
+    if getattr(hf_config, "model_type", "") != "exaone4":
+        return
+    if provider.transformer_layer_spec is exaone4_layer_spec:
+        provider.transformer_layer_spec = exaone4_packed_layer_spec
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = list(getattr(hf_config, "layer_types", None) or [])
+    if window and "sliding_attention" in layer_types:  # HF: RoPE on sliding layers only, when any is sliding
+        sliding = [kind == "sliding_attention" for kind in layer_types]
+        provider.window_size = (window - 1, 0)  # HF's window counts the token itself
+        provider.window_attn_skip_freq = [int(s) for s in sliding]
+        provider.no_rope_freq = [int(not s) for s in sliding]
+
+
+def exaone4_packed_layer_spec(config):
+    """Bridge's EXAONE 4 layer spec (pure post-norm) with Transformer Engine's core attention (packed
+    sequences, sliding windows) and the q/k RMSNorms it leaves out. (Module level: checkpoints record the
+    spec function by its import path.)"""
+    from megatron.bridge.models.exaone.exaone4.exaone4_provider import exaone4_layer_spec
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
+
+    spec = exaone4_layer_spec(config)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = TEDotProductAttention
+    attention.q_layernorm = attention.k_layernorm = TENorm
+    return spec
+
+
+# --- 2026 families (issue 20): ERNIE 4.5 MoE ---
+ERNIE_ROUTING = "softmax_expert_bias"  # the routers' score_function for ERNIE 4.5 (see _ernie45_as_hf)
+
+
+def _ernie45_as_hf(provider, hf_config) -> None:
+    """Megatron-Bridge 0.6.2's ERNIE 4.5 MoE provider differs from the HF model in two ways:
+
+    - its layer spec is the private ``_ernie45_decoder_block_spec``, which a checkpoint records by import
+      path and Bridge then refuses to re-instantiate on export (``InstantiationException ... private target
+      path segments are not supported``): use the public alias ``ernie45_decoder_block_spec``;
+    - it routes with sigmoid scores, while HF ERNIE 4.5 takes softmax scores, picks the top-k of softmax +
+      ``e_score_correction_bias`` and weighs them by their softmax renormalised over the top-k.
+      megatron-core 0.19.2 has no such score function (its softmax ignores the expert bias, and its config
+      allows the bias with sigmoid only), so the routers get ``ERNIE_ROUTING``, served by
+      ``_ernie_topk_routing`` (the expert bias and its aux-loss-free updates stay megatron-core's);
+    - it hard-codes the RoPE base (500,000, ERNIE-4.5-21B-A3B's) and ignores ``moe_layer_end_index`` and
+      ``moe_layer_interval``: take them from the config as HF's decoder layers do."""
+    from megatron.bridge.models.ernie.ernie_45_bridge import _ernie45_decoder_block_spec
+
+    if getattr(hf_config, "model_type", "") != "ernie4_5_moe":
+        return
+    if provider.transformer_layer_spec is _ernie45_decoder_block_spec:
+        provider.transformer_layer_spec = ernie45_decoder_block_spec
+    provider.rotary_base = (hf_config.rope_parameters or {}).get("rope_theta", provider.rotary_base)
+    if getattr(hf_config, "mlp_layer_types", None) is None:
+        start, end = hf_config.moe_layer_start_index, hf_config.moe_layer_end_index  # HF resolves end -1 to the last
+        interval = hf_config.moe_layer_interval
+        provider.moe_layer_freq = [int((i + 1) % interval == 0 and start <= i <= end)
+                                   for i in range(hf_config.num_hidden_layers)]
+    provider.moe_router_fusion = False  # TE's fused router knows no ERNIE_ROUTING
+    _serve_ernie_routing()
+    provider.register_pre_wrap_hook(_set_ernie_routing)
+
+
+def ernie45_decoder_block_spec(config, vp_stage: int | None = None):
+    """Bridge's ``_ernie45_decoder_block_spec`` under a public name (checkpoints record it by import path)."""
+    from megatron.bridge.models.ernie.ernie_45_bridge import _ernie45_decoder_block_spec
+
+    return _ernie45_decoder_block_spec(config, vp_stage=vp_stage)
+
+
+def _set_ernie_routing(model):
+    """Pre-wrap hook: every router of the model scores with ``ERNIE_ROUTING``."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for chunk in model:
+        for module in chunk.modules():
+            if isinstance(module, TopKRouter):
+                module.score_function = ERNIE_ROUTING
+    return model
+
+
+def _serve_ernie_routing() -> None:
+    """Make megatron-core's router module answer ``score_function=ERNIE_ROUTING`` (idempotent; any other
+    score function goes to megatron-core's own functions unchanged)."""
+    from megatron.core.transformer.moe import router
+
+    if getattr(router.topk_routing_with_score_function, "_bridge_sft_ernie", False):
+        return
+    topk_routing, aux_scores = router.topk_routing_with_score_function, router.compute_routing_scores_for_aux_loss
+
+    def topk_routing_with_score_function(logits, topk, *args, score_function="softmax", **kwargs):
+        if score_function != ERNIE_ROUTING:
+            return topk_routing(logits, topk, *args, score_function=score_function, **kwargs)
+        return _ernie_topk_routing(logits, topk, kwargs.get("expert_bias"), kwargs.get("precomputed_indices"),
+                                   kwargs.get("dense_output", False))
+
+    def compute_routing_scores_for_aux_loss(logits, topk, score_function, *args, **kwargs):
+        score_function = "softmax" if score_function == ERNIE_ROUTING else score_function
+        return aux_scores(logits, topk, score_function, *args, **kwargs)
+
+    topk_routing_with_score_function._bridge_sft_ernie = True
+    router.topk_routing_with_score_function = topk_routing_with_score_function
+    router.compute_routing_scores_for_aux_loss = compute_routing_scores_for_aux_loss
+
+
+ERNIE_NORM_MIN = 1e-12  # HF ERNIE 4.5's moe_norm_min (published 1e-12): floor of the top-k weights' sum
+
+
+def _ernie_topk_routing(logits, topk: int, expert_bias=None, precomputed_indices=None, dense_output=False):
+    """HF ERNIE 4.5's routing on ``logits`` [tokens, experts]: experts = top-k of softmax + ``expert_bias``,
+    weights = their softmax over the sum of the k. Returns megatron-core's ``(probs, routing_map)``
+    ([tokens, experts]), or ``(probs, indices)`` ([tokens, k]) when ``dense_output``."""
+    scores = torch.softmax(logits.float(), dim=-1)
+    if precomputed_indices is not None:
+        top = precomputed_indices
+    else:
+        choice = scores if expert_bias is None else scores + expert_bias.float()
+        top = torch.topk(choice, k=topk, dim=1).indices
+    probs = scores.gather(1, top)
+    probs = (probs / probs.sum(dim=-1, keepdim=True).clamp(min=ERNIE_NORM_MIN)).type_as(logits)
+    if dense_output:
+        return probs, top
+    routing_probs = torch.zeros_like(logits).scatter(1, top, probs)
+    routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
+    return routing_probs, routing_map

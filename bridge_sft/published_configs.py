@@ -219,6 +219,61 @@ TINY_SIZES = {
 }
 
 
+# --- 2026 families (issue 20): EXAONE 4, ERNIE 4.5 MoE, MiniMax-M2 ---
+SIZE_FIELDS = SIZE_FIELDS | {"moe_num_experts", "moe_k", "moe_layer_end_index", "rotary_dim", "global_head_dim",
+                             "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers"}
+
+PUBLISHED.update({
+    # google/gemma-4-E4B-it config.json, text_config: per-layer inputs, the last 18 layers share k/v
+    "gemma-4-e4b": ("gemma4", dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=256, global_head_dim=512, num_global_key_value_heads=None, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=512, layer_types=_layer_types(6, 42),
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}},
+        final_logit_softcapping=30.0, hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
+        num_kv_shared_layers=18, use_double_wide_mlp=False, attention_k_eq_v=False, enable_moe_block=False,
+        attention_bias=False, tie_word_embeddings=True)),
+    # LGAI-EXAONE/EXAONE-4.0-32B config.json: 3 sliding-window layers (RoPE) per global layer (no RoPE)
+    "exaone-4.0-32b": ("exaone4", dict(
+        hidden_size=5120, intermediate_size=27392, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 16.0}, sliding_window=4096,
+        sliding_window_pattern="LLLG", layer_types=_layer_types(4, 64), tie_word_embeddings=False)),
+    # baidu/ERNIE-4.5-21B-A3B-PT config.json (the last MoE layer is the last layer, 27)
+    "ernie-4.5-21b-a3b": ("ernie4_5_moe", dict(
+        hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
+        num_key_value_heads=4, head_dim=128, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, use_bias=False, moe_num_experts=64, moe_num_shared_experts=2, moe_k=6,
+        moe_intermediate_size=1536, moe_layer_start_index=1, moe_layer_end_index=27, moe_layer_interval=1,
+        moe_norm_min=1e-12, tie_word_embeddings=True)),
+    # MiniMaxAI/MiniMax-M2 config.json (MTP modules left out). It writes partial RoPE as the legacy rotary_dim 64 of
+    # head_dim 128, which transformers 5.12's MiniMaxM2Config ignores (full-head RoPE: huggingface/transformers
+    # #48241, fixed by #48486, which derives partial_rotary_factor = rotary_dim / head_dim as written here).
+    "minimax-m2": ("minimax_m2", dict(
+        hidden_size=3072, intermediate_size=1536, num_hidden_layers=62, num_attention_heads=48,
+        num_key_value_heads=8, head_dim=128, rotary_dim=64, partial_rotary_factor=0.5, hidden_act="silu",
+        max_position_embeddings=196608, rms_norm_eps=1e-6, rope_theta=5000000.0, num_local_experts=256,
+        num_experts_per_tok=8, scoring_func="sigmoid", use_routing_bias=True, use_qk_norm=True,
+        qk_norm_type="per_layer", router_aux_loss_coef=0.001, tie_word_embeddings=False)),
+})
+
+TINY_SIZES.update({
+    "gemma-4-e4b": dict(num_hidden_layers=12, hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=64, global_head_dim=128, layer_types=_layer_types(6, 12),
+                        hidden_size_per_layer_input=16, vocab_size_per_layer_input=512, num_kv_shared_layers=5),
+    "exaone-4.0-32b": dict(num_hidden_layers=4, hidden_size=160, intermediate_size=856, num_attention_heads=10,
+                           num_key_value_heads=2, head_dim=16, sliding_window=512, layer_types=_layer_types(4, 4)),
+    "ernie-4.5-21b-a3b": dict(num_hidden_layers=3, hidden_size=160, intermediate_size=768, moe_intermediate_size=96,
+                              num_attention_heads=10, num_key_value_heads=2, head_dim=16, moe_num_experts=16,
+                              moe_k=2, moe_layer_end_index=2),
+    "minimax-m2": dict(num_hidden_layers=2, hidden_size=192, intermediate_size=96, num_attention_heads=12,
+                       num_key_value_heads=2, head_dim=32, rotary_dim=16, num_local_experts=16,
+                       num_experts_per_tok=2),
+})
+
+
 def tiny_fields(name: str) -> tuple[str, dict]:
     """``(family, fields)`` of the tiny stand-in of flagship ``name``: the published fields with the
     sizes of ``TINY_SIZES[name]`` (vocabulary and token ids excepted: the builder's tokenizer sets them)."""

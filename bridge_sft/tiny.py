@@ -143,6 +143,48 @@ NEMOTRON3_TEMPLATE = (
 )
 
 
+# --- 2026 families (issue 20): Gemma 4, EXAONE 4, ERNIE 4.5, MiniMax-M2 ---
+# EXAONE 4: [|role|]\n ... [|endofturn|]\n; the assistant's turn ends with [|endofturn|].
+EXAONE_TEMPLATE = (
+    "{% for message in messages %}"
+    "[|{{ message['role'] }}|]\n{{ message['content'] }}[|endofturn|]\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}[|assistant|]\n{% endif %}"
+)
+
+# ERNIE 4.5: <|begin_of_sentence|>, the system prompt, then "User: " / "Assistant: " turns; an answer ends
+# with <|end_of_sentence|>.
+ERNIE_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}<|end_of_sentence|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+# MiniMax-M2: ]~!b[ opens the conversation, ]~b]role\n ... [e~[\n each turn ("ai" is the assistant's role).
+MINIMAX_TEMPLATE = (
+    "]~!b["
+    "{% for message in messages %}"
+    "{% set role = 'ai' if message['role'] == 'assistant' else message['role'] %}"
+    "]~b]{{ role }}\n{{ message['content'] }}[e~[\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}]~b]ai\n{% endif %}"
+)
+
+# Gemma 4: <|turn>role\n ... <turn|>\n turns ("model" is the assistant's role; a system prompt has its own turn).
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class TokenizerStyle:
     """Special tokens and chat template of one family's tokenizer."""
@@ -183,6 +225,18 @@ STYLES = {
                                                      "</think>"),
                                 eos_token="<|im_end|>", pad_token="<unk>", bos_token="<s>"),
 }
+# 2026 families (issue 20)
+STYLES.update({
+    "exaone": TokenizerStyle(EXAONE_TEMPLATE, ("[PAD]", "[BOS]", "[|endofturn|]", "[|system|]", "[|user|]",
+                                               "[|assistant|]"),
+                             eos_token="[|endofturn|]", pad_token="[PAD]", bos_token="[BOS]"),
+    "ernie": TokenizerStyle(ERNIE_TEMPLATE, ("<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"),
+                            eos_token="<|end_of_sentence|>", pad_token="<unk>", bos_token="<|begin_of_sentence|>"),
+    "minimax": TokenizerStyle(MINIMAX_TEMPLATE, ("<pad>", "]~!b[", "]~b]", "[e~["),
+                              eos_token="[e~[", pad_token="<pad>"),
+    "gemma4": TokenizerStyle(GEMMA4_TEMPLATE, ("<pad>", "<bos>", "<eos>", "<|turn>", "<turn|>"),
+                             eos_token="<turn|>", pad_token="<pad>", bos_token="<bos>"),
+})
 
 
 @dataclass(frozen=True)
@@ -368,6 +422,52 @@ TINY_ARCHS = {
 MOE_ARCHS = ("qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "glm4_moe", "nemotron_h_moe")
 
 
+# --- 2026 families (issue 20): Gemma 4, EXAONE 4, ERNIE 4.5 MoE, MiniMax-M2 ---
+def _exaone4(s):
+    """EXAONE 4.0 32B's layout: 3 sliding-window layers (RoPE) then 1 global layer (no RoPE), post-norms, q/k norms."""
+    return {**_dense(s), "num_hidden_layers": 4, "rms_norm_eps": 1e-5, "head_dim": s.hidden_size // s.num_attention_heads,
+            "sliding_window": SLIDING_WINDOW, "sliding_window_pattern": "LLLG",
+            "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+
+
+def _ernie4_5_moe(s):
+    """A dense first layer, then MoE layers with a shared expert and an expert-bias (aux-free) router."""
+    return {**_dense(s), "rms_norm_eps": 1e-5, "head_dim": s.hidden_size // s.num_attention_heads,
+            "moe_num_experts": s.num_experts, "moe_k": 2, "moe_intermediate_size": s.moe_intermediate_size,
+            "moe_num_shared_experts": 1, "moe_layer_start_index": 1, "moe_layer_end_index": -1,
+            "moe_layer_interval": 1}
+
+
+def _minimax_m2(s):
+    """Every layer MoE (sigmoid router with expert bias), full-width q/k norms, RoPE on half of each head
+    (published ``rotary_dim``, with the ``partial_rotary_factor`` transformers 5.12 needs: see published_configs)."""
+    head_dim = s.hidden_size // s.num_attention_heads
+    return {**_dense(s), "intermediate_size": s.moe_intermediate_size, "rms_norm_eps": 1e-6, "head_dim": head_dim,
+            "num_local_experts": s.num_experts, "num_experts_per_tok": 2, "rotary_dim": head_dim // 2,
+            "partial_rotary_factor": 0.5, "use_qk_norm": True, "qk_norm_type": "per_layer", "scoring_func": "sigmoid",
+            "use_routing_bias": True}
+
+
+def _gemma4(s):
+    """Gemma 4 E-model features: sliding-window and global layers (wider global heads, partial RoPE), per-layer
+    inputs, the last layers sharing the k/v of earlier ones, soft-capped logits (the 5:1 pattern: gemma-4-e4b)."""
+    head_dim = s.hidden_size // s.num_attention_heads
+    return {**_dense(s), "num_hidden_layers": 4, "rms_norm_eps": 1e-6, "head_dim": head_dim,
+            "global_head_dim": 2 * head_dim, "sliding_window": SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"] * 2, "num_kv_shared_layers": 2,
+            "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": s.vocab_size,
+            "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"}
+
+
+TINY_ARCHS.update({
+    "gemma4": ("Gemma4TextConfig", "gemma4", _gemma4, True),
+    "exaone4": ("Exaone4Config", "exaone", _exaone4, False),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "ernie", _ernie4_5_moe, True),
+    "minimax_m2": ("MiniMaxM2Config", "minimax", _minimax_m2, False),
+})
+MOE_ARCHS = MOE_ARCHS + ("ernie4_5_moe", "minimax_m2")
+
+
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "llama",
@@ -431,6 +531,23 @@ def _randomise_constant_inits(model, seed: int) -> None:
             flat = param.detach().reshape(-1)
             if flat.numel() and bool((flat == flat[0]).all()):
                 param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        _randomise_expert_bias(model, generator)
+
+
+# Model types whose router expert bias (a buffer, left at zero above) the tiny builder randomises, so that
+# routing which drops it or applies it to the wrong scores picks other experts and is caught.
+RANDOM_EXPERT_BIAS = ("ernie4_5_moe", "minimax_m2")
+
+
+def _randomise_expert_bias(model, generator) -> None:
+    """Add 0.1 * N(0, 1) to every ``e_score_correction_bias`` buffer of a ``RANDOM_EXPERT_BIAS`` model."""
+    import torch
+
+    if model.config.model_type not in RANDOM_EXPERT_BIAS:
+        return
+    for name, buffer in sorted(model.named_buffers()):
+        if name.endswith("e_score_correction_bias"):
+            buffer.add_(0.1 * torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype))
 
 
 def published_tiny_config(name: str, tokenizer):

@@ -75,6 +75,18 @@ PUBLISHED = {
                    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "sliding_window": None,
                    "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
 }
+# 2026 families (issue 20): LGAI-EXAONE/EXAONE-4.0-1.2B config.json (all layers global, tied embeddings)
+PUBLISHED.update({
+    "exaone4_1p2b": {"architectures": ["Exaone4ForCausalLM"], "model_type": "exaone4", "hidden_size": 2048,
+                     "intermediate_size": 4096, "num_hidden_layers": 30, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 102400, "rms_norm_eps": 1e-5,
+                     "rope_theta": 1000000.0, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
+                                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                               "original_max_position_embeddings": 8192},
+                     "sliding_window": None, "layer_types": ["full_attention"] * 30,
+                     "max_position_embeddings": 65536, "tie_word_embeddings": True,
+                     "torch_dtype": "bfloat16"},
+})
 EXPECTED_TP = {"llama31_8b": 2, "qwen25_7b": 2, "qwen3_4b": 2, "qwen3_8b": 4, "gemma3_12b": 4, "gemma3_27b": 8,
                "mistral_7b": 2}
 SEQ_4096 = ("llama", "gemma3", "mistral")

@@ -263,3 +263,16 @@ def qwen3_0p6b_128k(hf_path: str = "Qwen/Qwen3-0.6B", data=None, **overrides):
 
 LONG_CONTEXT_PRESETS = {fn.__name__: fn for fn in (qwen3_8b_32k, qwen3_0p6b_128k)}
 PRESETS.update(LONG_CONTEXT_PRESETS)
+
+
+# --- 2026 families (issue 20) ------------------------------------------------------------------------------
+# Megatron-Bridge 0.6.2 has SFT / PEFT recipes for EXAONE 4.0 1.2B only among EXAONE 4, ERNIE 4.5, MiniMax-M2
+# and Gemma 4 (recipes/exaone/h100/exaone4.py; Gemma 4: E4B pretraining only; MiniMax: M3 only; ERNIE: none).
+
+
+def exaone4_1p2b(hf_path: str = "LGAI-EXAONE/EXAONE-4.0-1.2B", data=None, **overrides):
+    """EXAONE 4.0 1.2B, 1 GPU, seq 2048, packed global batch 128 (full SFT and LoRA alike, as Bridge's recipes)."""
+    return _preset(hf_path, data, overrides, seq_length=2048, tensor_parallel=1, global_batch_size=128)
+
+
+PRESETS.update({fn.__name__: fn for fn in (exaone4_1p2b,)})

@@ -17,7 +17,9 @@ reach past MIN_TOKENS and published windows are crossed; the Megatron model buil
 - ``hf``: the HF model's per-token cross-entropy on each sample (``logits[:-1]`` vs ``ids[1:]``).
 
 Writes ``{family: {"packed_vs_hf", "unpacked_vs_hf", "packed_vs_unpacked": max |diff| over every real
-token, "loss_scale", "tokens", "supervised", "lengths", "seconds"}}``; a family that fails
+token, "hf_fp32_vs_fp64": the same for the HF model in fp32 vs in fp64 (its own fp32 rounding error; None where
+HF has no fp64 kernel: MoE experts),
+"loss_scale", "tokens", "supervised", "lengths", "seconds"}}``; a family that fails
 records ``{"error": "..."}`` and the next one runs.
 """
 
@@ -100,13 +102,13 @@ def long_conversations(tokenizer, min_tokens, count=1, slack=150):
     raise RuntimeError("not enough multi-turn dialogs in the sample")
 
 
-def hf_token_losses(hf_dir, samples):
+def hf_token_losses(hf_dir, samples, dtype=torch.float32):
     fix_hf_nemotron_h_torch_path()  # HF's Nemotron-H torch path passes chunk states wrongly (hf_reference.py)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
     losses = []
     with torch.no_grad():
         for ids in samples.ids:
-            logits = model(torch.from_numpy(ids)[None]).logits[0, :-1].float()
+            logits = model(torch.from_numpy(ids)[None]).logits[0, :-1].to(dtype)
             losses.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(ids[1:]), reduction="none"))
     return losses
 
@@ -141,9 +143,14 @@ def family(hf_dir, min_tokens=None):
         packed = step_losses(state, model, pack, PackedSFTDataset.collate_fn)
         unpacked = [step_losses(state, model, single[i], torch.utils.data.default_collate) for i in range(n)]
     hf = hf_token_losses(hf_dir, samples)
+    try:
+        hf64 = hf_token_losses(hf_dir, samples, torch.float64)
+    except RuntimeError:  # HF's grouped expert matmul (MoE families) has no fp64 kernel
+        hf64 = None
 
     bounds = pack["cu_seqlens_q"].tolist()
-    result = {"packed_vs_hf": 0.0, "unpacked_vs_hf": 0.0, "packed_vs_unpacked": 0.0}
+    result = {"packed_vs_hf": 0.0, "unpacked_vs_hf": 0.0, "packed_vs_unpacked": 0.0,
+              "hf_fp32_vs_fp64": None if hf64 is None else max((h - h64).abs().max().item() for h, h64 in zip(hf, hf64))}
     for i in range(n):
         real = len(samples.ids[i]) - 1
         p, u = packed[bounds[i]: bounds[i] + real], unpacked[i][:real]
