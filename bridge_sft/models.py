@@ -83,15 +83,10 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
             "scores each group by its top num_experts_per_tok // topk_group experts in Megatron but by its top 2 in "
             "HF; Megatron-Bridge 0.6.2 would train a different router (published DeepSeek-V3 has 8 // 4 = 2)."
         )
-    if model_type == "falcon_h1":
-        # FalconH1Model.forward and FalconH1Block.forward have no packed_seq_params (the layers do).
-        raise UnsupportedModelError(
-            f"{hf_path}: Falcon-H1 cannot be trained here yet: Megatron-Bridge 0.6.2's FalconH1Model takes no "
-            "packed_seq_params (no packed sequences, no forward step that passes them); Nemotron-H and Nemotron 3 "
-            "are the Mamba-2 hybrids bridge-sft supports."
-        )
     if model_type == "nemotron_h":
         _check_nemotron_h_mamba(hf_path, hf_config)
+    if model_type == "falcon_h1":
+        _check_falcon_h1_mamba(hf_path, hf_config)
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
         raise UnsupportedModelError(
@@ -116,6 +111,22 @@ def _check_nemotron_h_mamba(hf_path: str, hf_config) -> None:
             raise UnsupportedModelError(
                 f"{hf_path}: Nemotron-H with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
                 f"mixer only builds {field}={supported!r} (as every published Nemotron-H and Nemotron 3 model has).")
+
+
+def _check_falcon_h1_mamba(hf_path: str, hf_config) -> None:
+    """Falcon-H1 Mamba settings megatron-core 0.19.2's MambaMixer does not build (Bridge's FalconH1MambaMixer
+    is one): it asserts a convolution bias and no projection bias, and Bridge maps no dt limit."""
+    limit = tuple(getattr(hf_config, "time_step_limit", (0.0, float("inf"))) or (0.0, float("inf")))
+    unsupported = {
+        "mamba_proj_bias": (getattr(hf_config, "mamba_proj_bias", False), False),
+        "mamba_conv_bias": (getattr(hf_config, "mamba_conv_bias", True), True),
+        "time_step_limit": (limit, (0.0, float("inf"))),
+    }
+    for field, (value, supported) in unsupported.items():
+        if value != supported:
+            raise UnsupportedModelError(
+                f"{hf_path}: Falcon-H1 with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
+                f"mixer only builds {field}={supported!r} (as every published Falcon-H1 model has).")
 
 
 def _no_experts_without_moe_layers(provider, hf_config) -> None:

@@ -97,13 +97,14 @@ def test_moe_families_under_tensor_and_expert_parallelism(tiny_models, tmp_path)
 
 
 @pytest.mark.parametrize("model_type, fields, named", [
-    ("falcon_h1", {}, "packed_seq_params"),
+    ("falcon_h1", {"mamba_proj_bias": True}, "mamba_proj_bias=True"),
+    ("falcon_h1", {"mamba_conv_bias": False}, "mamba_conv_bias=False"),
     ("nemotron_h", {"mamba_hidden_act": "gelu"}, "mamba_hidden_act='gelu'"),
     ("nemotron_h", {"time_step_limit": (0.0, 0.1)}, "time_step_limit=(0.0, 0.1)"),
     ("nemotron_h", {"mamba_proj_bias": True}, "mamba_proj_bias=True"),
 ])
 def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type, fields, named):
-    """What megatron-core's Mamba mixer or Bridge's Falcon-H1 model cannot train right is refused by name."""
+    """What megatron-core's Mamba mixer cannot build (Nemotron-H's or Falcon-H1's) is refused by name."""
     from transformers import FalconH1Config, NemotronHConfig
 
     from bridge_sft.models import UnsupportedModelError, _check_hf_config
@@ -114,3 +115,4 @@ def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type,
     message = str(refused.value)
     assert "\n" not in message and message.startswith("some/model: ") and named in message, message
     _check_hf_config("some/model", NemotronHConfig())  # the published defaults pass
+    _check_hf_config("some/model", FalconH1Config())
