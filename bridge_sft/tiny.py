@@ -364,10 +364,12 @@ def _nemotron_h_moe(s):
 
 
 # Falcon-H1's muP multipliers, each a distinct value away from 1 so that a multiplier dropped or swapped in
-# conversion or in a layer changes the outputs (the published models' own values are of the same order).
-FALCON_H1_MULTIPLIERS = dict(embedding_multiplier=5.6, lm_head_multiplier=0.04, key_multiplier=0.39,
+# conversion or in a layer changes the outputs. The LM head and SSM outputs are scaled up (the published 0.04 and
+# 0.24 leave random-weight logits nearly flat, 6e-3 apart): the tiny model's losses then show a Mamba state that
+# leaks between packed samples (the published values are in bridge_sft.published_configs).
+FALCON_H1_MULTIPLIERS = dict(embedding_multiplier=5.6, lm_head_multiplier=8.0, key_multiplier=0.39,
                              attention_in_multiplier=1.1, attention_out_multiplier=0.94, ssm_in_multiplier=1.25,
-                             ssm_out_multiplier=0.24, mlp_multipliers=[0.88, 0.59],
+                             ssm_out_multiplier=2.4, mlp_multipliers=[0.88, 0.59],
                              ssm_multipliers=[0.35, 0.25, 0.45, 0.5, 0.3])
 
 
