@@ -186,7 +186,7 @@ def _falcon_h1_packed_sequences() -> None:
         if packed_seq_params is None:
             return model_forward(self, input_ids, position_ids, attention_mask, *args, **kwargs)
         if packed_seq_params.seq_idx is None:  # as Bridge's gpt_step does for hybrids: the pack's length
-            labels = kwargs.get("labels")
+            labels = kwargs.get("labels", args[1] if len(args) > 1 else None)  # (decoder_input, labels, ...)
             rows = input_ids if input_ids is not None else labels
             total = rows.size(1) if rows is not None else self.config.seq_length
             packed_seq_params = dataclasses.replace(packed_seq_params, total_tokens=total)
