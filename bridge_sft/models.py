@@ -269,6 +269,14 @@ def check_provider(model) -> None:
             "model normalises queries and keys across all attention heads and cannot split them over "
             "tensor-parallel ranks. Use tensor_parallel=1 with expert parallelism (model.expert_model_parallel_size)."
         )
+    groups, tp = getattr(model, "mamba_num_groups", None), getattr(model, "tensor_model_parallel_size", 1)
+    if groups and tp > 1 and groups % tp:
+        # megatron-core's MambaMixer splits the Mamba groups over TP ranks (it asserts, deep in model building).
+        raise UnsupportedModelError(
+            f"model.tensor_model_parallel_size={tp}: the model's Mamba-2 layers have {groups} group(s) of heads "
+            f"(mamba_n_groups / n_groups), which megatron-core splits over tensor-parallel ranks; use a "
+            f"tensor-parallel size that divides {groups} (published Falcon-H1 models have 1 group: 1)."
+        )
     if runtime.mode() in ("cpu", "no_te"):
         where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"
         needs_te = {

@@ -123,3 +123,16 @@ def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type,
     assert "\n" not in message and message.startswith("some/model: ") and named in message, message
     _check_hf_config("some/model", NemotronHConfig())  # the published defaults pass
     _check_hf_config("some/model", FalconH1Config())
+
+
+def test_mamba_groups_tensor_parallelism_cannot_split_is_refused_in_one_line():
+    """Falcon-H1's single Mamba group cannot be split over 2 tensor-parallel ranks (megatron-core asserts while
+    building the model): refused at config time, by name."""
+    from types import SimpleNamespace
+
+    from bridge_sft.models import UnsupportedModelError, check_provider
+
+    with pytest.raises(UnsupportedModelError) as refused:
+        check_provider(SimpleNamespace(mamba_num_groups=1, tensor_model_parallel_size=2))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("model.tensor_model_parallel_size=2: ") and "1 group" in message
