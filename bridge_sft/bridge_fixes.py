@@ -11,6 +11,7 @@ weights showed why: with the post-norm epsilon wrong, its logits were 13 away fr
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def apply() -> None:
     _exaone4_untied_output_layer()
     _gemma4_dense_te_attention()
     _gemma4_shared_kv_heads()
+    _falcon_h1_packed_sequences()
 
 
 def _skip_compile_helpers_when_prebuilt() -> None:
@@ -261,3 +263,54 @@ def _gemma4_shared_kv_heads() -> None:
     _text_config._bridge_sft_fixed = True
     Gemma4Bridge._text_config = _text_config
 
+
+
+# The packed-sequence metadata of the Falcon-H1 forward in progress (see _falcon_h1_packed_sequences).
+_FALCON_H1_PACKED = contextvars.ContextVar("bridge_sft_falcon_h1_packed_seq_params", default=None)
+
+
+def _falcon_h1_packed_sequences() -> None:
+    """Bridge 0.6.2's Falcon-H1 drops packed (THD) sequence metadata on its way down: ``FalconH1Model.forward``
+    and ``FalconH1Stack.forward`` take no ``packed_seq_params`` (a packed batch fails with a TypeError), and
+    ``FalconH1Layer.forward``, which does take it, hands it to the attention but not to the Mamba mixer, whose
+    convolution and scan state would then run from one sample of a pack into the next. Same on a GPU.
+
+    Fix: the model's forward accepts ``packed_seq_params`` and holds it (with ``total_tokens`` filled in, so
+    that megatron-core computes the Mamba ``seq_idx``) for the duration of the call; each Falcon-H1 layer and
+    Mamba mixer called without one takes it from there. Unpacked calls are unchanged."""
+    import dataclasses
+
+    from megatron.bridge.models.falcon_h1.modeling_falconh1 import falconh1_layer, falconh1_model
+
+    model_cls = falconh1_model.FalconH1Model
+    if getattr(model_cls, "_bridge_sft_fixed_packing", False):
+        return
+    model_forward = model_cls.forward
+    layer_forward = falconh1_layer.FalconH1Layer.forward
+    mixer_forward = falconh1_layer.FalconH1MambaMixer.forward
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
+        if packed_seq_params is None:
+            return model_forward(self, input_ids, position_ids, attention_mask, *args, **kwargs)
+        if packed_seq_params.seq_idx is None:  # as Bridge's gpt_step does for hybrids: the pack's length
+            labels = kwargs.get("labels", args[1] if len(args) > 1 else None)  # (decoder_input, labels, ...)
+            rows = input_ids if input_ids is not None else labels
+            total = rows.size(1) if rows is not None else self.config.seq_length
+            packed_seq_params = dataclasses.replace(packed_seq_params, total_tokens=total)
+        token = _FALCON_H1_PACKED.set(packed_seq_params)
+        try:
+            return model_forward(self, input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            _FALCON_H1_PACKED.reset(token)
+
+    def layer(self, *args, packed_seq_params=None, **kwargs):
+        return layer_forward(self, *args, packed_seq_params=packed_seq_params or _FALCON_H1_PACKED.get(), **kwargs)
+
+    def mixer(self, *args, packed_seq_params=None, **kwargs):
+        return mixer_forward(self, *args, packed_seq_params=packed_seq_params or _FALCON_H1_PACKED.get(), **kwargs)
+
+    # No functools.wraps: inspect.signature would follow __wrapped__ and hide the new packed_seq_params.
+    model_cls.forward, forward.__doc__ = forward, model_forward.__doc__
+    falconh1_layer.FalconH1Layer.forward = layer
+    falconh1_layer.FalconH1MambaMixer.forward = mixer
+    model_cls._bridge_sft_fixed_packing = True

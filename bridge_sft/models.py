@@ -85,15 +85,10 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
             "scores each group by its top num_experts_per_tok // topk_group experts in Megatron but by its top 2 in "
             "HF; Megatron-Bridge 0.6.2 would train a different router (published DeepSeek-V3 has 8 // 4 = 2)."
         )
-    if model_type == "falcon_h1":
-        # FalconH1Model.forward and FalconH1Block.forward have no packed_seq_params (the layers do).
-        raise UnsupportedModelError(
-            f"{hf_path}: Falcon-H1 cannot be trained here yet: Megatron-Bridge 0.6.2's FalconH1Model takes no "
-            "packed_seq_params (no packed sequences, no forward step that passes them); Nemotron-H and Nemotron 3 "
-            "are the Mamba-2 hybrids bridge-sft supports."
-        )
     if model_type == "nemotron_h":
         _check_nemotron_h_mamba(hf_path, hf_config)
+    if model_type == "falcon_h1":
+        _check_falcon_h1_mamba(hf_path, hf_config)
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
         raise UnsupportedModelError(
@@ -118,6 +113,22 @@ def _check_nemotron_h_mamba(hf_path: str, hf_config) -> None:
             raise UnsupportedModelError(
                 f"{hf_path}: Nemotron-H with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
                 f"mixer only builds {field}={supported!r} (as every published Nemotron-H and Nemotron 3 model has).")
+
+
+def _check_falcon_h1_mamba(hf_path: str, hf_config) -> None:
+    """Falcon-H1 Mamba settings megatron-core 0.19.2's MambaMixer does not build (Bridge's FalconH1MambaMixer
+    is one): it asserts a convolution bias and no projection bias, and Bridge maps no dt limit."""
+    limit = tuple(getattr(hf_config, "time_step_limit", (0.0, float("inf"))) or (0.0, float("inf")))
+    unsupported = {
+        "mamba_proj_bias": (getattr(hf_config, "mamba_proj_bias", False), False),
+        "mamba_conv_bias": (getattr(hf_config, "mamba_conv_bias", True), True),
+        "time_step_limit": (limit, (0.0, float("inf"))),
+    }
+    for field, (value, supported) in unsupported.items():
+        if value != supported:
+            raise UnsupportedModelError(
+                f"{hf_path}: Falcon-H1 with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
+                f"mixer only builds {field}={supported!r} (as every published Falcon-H1 model has).")
 
 
 def _no_experts_without_moe_layers(provider, hf_config) -> None:
@@ -263,6 +274,14 @@ def check_provider(model) -> None:
             f"model.tensor_model_parallel_size={model.tensor_model_parallel_size}: Megatron-Bridge 0.6.2's OLMoE "
             "model normalises queries and keys across all attention heads and cannot split them over "
             "tensor-parallel ranks. Use tensor_parallel=1 with expert parallelism (model.expert_model_parallel_size)."
+        )
+    groups, tp = getattr(model, "mamba_num_groups", None), getattr(model, "tensor_model_parallel_size", 1)
+    if groups and tp > 1 and groups % tp:
+        # megatron-core's MambaMixer splits the Mamba groups over TP ranks (it asserts, deep in model building).
+        raise UnsupportedModelError(
+            f"model.tensor_model_parallel_size={tp}: the model's Mamba-2 layers have {groups} group(s) of heads "
+            f"(mamba_n_groups / n_groups), which megatron-core splits over tensor-parallel ranks; use a "
+            f"tensor-parallel size that divides {groups} (published Falcon-H1 models have 1 group: 1)."
         )
     if runtime.mode() in ("cpu", "no_te"):
         where = "the CPU" if runtime.mode() == "cpu" else "a GPU without Transformer Engine"

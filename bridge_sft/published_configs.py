@@ -26,6 +26,8 @@ SIZE_FIELDS = frozenset({
     # Mamba-2 hybrids: the layer pattern (a prefix of the published one) and the Mamba widths
     "hybrid_override_pattern", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size",
     "moe_shared_expert_intermediate_size",
+    # Falcon-H1's Mamba-2 widths
+    "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_d_ssm",
 })
 
 # Nemotron-H fields every published config.json carries (Mamba-2 mixer settings as the model cards publish them).
@@ -165,6 +167,20 @@ PUBLISHED = {
         num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
         n_shared_experts=1, routed_scaling_factor=2.5, n_group=1, topk_group=1, norm_topk_prob=True,
         **_NEMOTRON_H_MAMBA)),
+    # tiiuae/Falcon-H1-0.5B-Instruct config.json (as Megatron-Bridge's own Falcon-H1 bridge test writes it down; its
+    # table row in transformers' FalconH1 docs agrees): every layer Mamba-2 and attention in parallel, then SwiGLU;
+    # head_dim 64 x 8 heads != hidden 1024; d_ssm = 24 heads x 64 = 1.5 x hidden; muP multipliers.
+    "falcon-h1-0.5b-instruct": ("falcon_h1", dict(
+        hidden_size=1024, num_hidden_layers=36, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        intermediate_size=2048, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=1e11, rope_scaling=None,
+        max_position_embeddings=16384, attention_bias=False, mlp_bias=False, projectors_bias=False,
+        tie_word_embeddings=False, mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64, mamba_d_state=128,
+        mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=128, mamba_conv_bias=True,
+        mamba_proj_bias=False, mamba_norm_before_gate=False, mamba_rms_norm=False,
+        embedding_multiplier=5.656854249492381, lm_head_multiplier=0.0390625, key_multiplier=0.39062499999999994,
+        attention_in_multiplier=1.0, attention_out_multiplier=0.9375, ssm_in_multiplier=1.25,
+        ssm_out_multiplier=0.23570226039551587, mlp_multipliers=[0.8838834764831844, 0.5859375],
+        ssm_multipliers=[0.3535533905932738, 0.25, 0.3535533905932738, 0.5, 0.3535533905932738])),
 }
 
 # Tiny sizes: hidden / (heads * head_dim), intermediate / hidden and query heads per key/value head kept
@@ -216,6 +232,11 @@ TINY_SIZES = {
                                     mamba_num_heads=16, mamba_head_dim=8, n_groups=2, ssm_state_size=16,
                                     n_routed_experts=16, num_experts_per_tok=6, moe_intermediate_size=80,
                                     moe_shared_expert_intermediate_size=160),
+    # Falcon-H1: head_dim x heads = hidden / 2, d_ssm = 1.5 x hidden, state = 2 x Mamba head_dim, chunks of 128
+    # as published (~1,100 tokens cross 9).
+    "falcon-h1-0.5b-instruct": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256,
+                                    num_attention_heads=8, num_key_value_heads=2, head_dim=8, mamba_n_heads=12,
+                                    mamba_d_head=16, mamba_d_ssm=192, mamba_d_state=32),
 }
 
 

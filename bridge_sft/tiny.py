@@ -142,6 +142,17 @@ NEMOTRON3_TEMPLATE = (
     "{% endif %}"
 )
 
+# Falcon (Falcon3-Instruct style, which Falcon-H1's tokenizer follows): <|system|> / <|user|> / <|assistant|> headers
+# on their own lines, an answer ends with the end-of-text token.
+FALCON_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>\n{{ message['content'] }}\n"
+    "{% else %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 
 # --- 2026 families (issue 20): Gemma 4, EXAONE 4, ERNIE 4.5, MiniMax-M2 ---
 # EXAONE 4: [|role|]\n ... [|endofturn|]\n; the assistant's turn ends with [|endofturn|].
@@ -224,6 +235,9 @@ STYLES = {
     "nemotron3": TokenizerStyle(NEMOTRON3_TEMPLATE, ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<think>",
                                                      "</think>"),
                                 eos_token="<|im_end|>", pad_token="<unk>", bos_token="<s>"),
+    "falcon": TokenizerStyle(FALCON_TEMPLATE, ("<|pad|>", "<|begin_of_text|>", "<|end_of_text|>", "<|system|>",
+                                               "<|user|>", "<|assistant|>"),
+                             eos_token="<|end_of_text|>", pad_token="<|pad|>", bos_token="<|begin_of_text|>"),
 }
 # 2026 families (issue 20)
 STYLES.update({
@@ -402,6 +416,29 @@ def _nemotron_h_moe(s):
             "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1, "norm_topk_prob": True}
 
 
+
+# Falcon-H1's muP multipliers, each a distinct value away from 1 so that a multiplier dropped or swapped in
+# conversion or in a layer changes the outputs. The LM head and SSM outputs are scaled up (the published 0.04 and
+# 0.24 leave random-weight logits nearly flat, 6e-3 apart): the tiny model's losses then show a Mamba state that
+# leaks between packed samples (the published values are in bridge_sft.published_configs).
+FALCON_H1_MULTIPLIERS = dict(embedding_multiplier=5.6, lm_head_multiplier=8.0, key_multiplier=0.39,
+                             attention_in_multiplier=1.1, attention_out_multiplier=0.94, ssm_in_multiplier=1.25,
+                             ssm_out_multiplier=2.4, mlp_multipliers=[0.88, 0.59],
+                             ssm_multipliers=[0.35, 0.25, 0.45, 0.5, 0.3])
+
+
+def _falcon_h1(s):
+    """Falcon-H1: every layer runs Mamba-2 and attention side by side on one norm, then a SwiGLU MLP, with muP
+    multipliers (``FALCON_H1_MULTIPLIERS``); Mamba-2 with d_ssm = 1.5 x hidden in heads of 8 and one group as
+    Falcon-H1-1.5B-Instruct (d_ssm 3072 = 1.5 x 2048), chunks of 16 tokens so that the dialogs cross several."""
+    return {**_dense(s), "rms_norm_eps": 1e-5, "head_dim": s.hidden_size // s.num_attention_heads,
+            "mamba_d_ssm": 96, "mamba_n_heads": 12, "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_d_state": 16,
+            "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 16, "mamba_conv_bias": True,
+            "mamba_proj_bias": False, "mamba_norm_before_gate": False, "mamba_rms_norm": True,
+            "projectors_bias": False, "attention_bias": False, "mlp_bias": False,
+            **FALCON_H1_MULTIPLIERS}
+
+
 # arch -> (transformers config class, tokenizer style, config fields for TinySizes, ties embeddings)
 TINY_ARCHS = {
     "llama": ("LlamaConfig", "llama", _llama, False),
@@ -418,6 +455,7 @@ TINY_ARCHS = {
     "glm4_moe": ("Glm4MoeConfig", "glm", _glm4_moe, False),
     "nemotron_h": ("NemotronHConfig", "nemotron_h", _nemotron_h, False),
     "nemotron_h_moe": ("NemotronHConfig", "nemotron3", _nemotron_h_moe, False),
+    "falcon_h1": ("FalconH1Config", "falcon", _falcon_h1, False),
 }
 MOE_ARCHS = ("qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "glm4_moe", "nemotron_h_moe")
 

@@ -20,7 +20,7 @@ from probes import hf_logits, probe_tokens
 from transformers import AutoConfig
 
 from bridge_sft.published_configs import PUBLISHED, lost_fields
-from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS, build_published_tiny_model
+from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS, build_published_tiny_model, build_tiny_model
 
 # custom TE spec + windows; sinks + biased MoE; MLA + MoE; Mamba-2 hybrid (its MoE variant: extended)
 TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3", "nemotron_h")
@@ -37,8 +37,12 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
     a conversation of over 1,100 tokens (positions past 1,024, published windows crossed twice), packed in one
     THD row and one by one, through bridge_sft.step.forward_step, equal the HF model's within 1e-5
     (fp32; within HF's own fp32-vs-fp64 error where that is larger: Gemma 4). A DeepSeek-V3 whose
-    group-limited routing megatron-core scores differently is refused."""
+    group-limited routing megatron-core scores differently is refused. The tiny Falcon-H1 family rides along:
+    the published Falcon-H1's LM-head multiplier (0.04) leaves random logits too flat to show a Mamba state
+    leaking from one packed sample into the next (measured: under 1e-6); the tiny family's larger multipliers
+    show it (0.02 measured with Bridge's layer keeping the pack from the mixer)."""
     models = [build_published_tiny_model(tmp_path / name, name) for name in PUBLISHED]
+    leak_sentinel = build_tiny_model(tmp_path / "falcon_h1-tiny", "falcon_h1")
     for hf_dir in models:
         assert lost_fields(hf_dir.name, AutoConfig.from_pretrained(hf_dir)) == [], hf_dir.name
     regrouped = tmp_path / "deepseek-v3-topk4"
@@ -46,9 +50,12 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
     config = json.loads((regrouped / "config.json").read_text())
     (regrouped / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 4}))
     out = tmp_path / "parity.json"
-    run_python("family_parity.py", out, "--long", 1100, *models, regrouped, timeout=1500)
+    run_python("family_parity.py", out, "--long", 1100, *models, regrouped, leak_sentinel, timeout=1500)
     results = json.loads(out.read_text())
     assert results.pop(regrouped.name)["error"].startswith("UnsupportedModelError: "), results
+    sentinel = results.pop(leak_sentinel.name)
+    assert sentinel.get("packed_vs_unpacked", 1.0) <= 1e-5 and sentinel["unpacked_vs_hf"] <= 1e-5, sentinel
+    assert sentinel["loss_scale"] > 1.0 and sentinel["lengths"][1] > 1100, sentinel
     assert set(results) == set(PUBLISHED)
     for name, r in results.items():
         assert "error" not in r, (name, r)
@@ -102,13 +109,14 @@ def test_moe_families_under_tensor_and_expert_parallelism(tiny_models, tmp_path)
 
 
 @pytest.mark.parametrize("model_type, fields, named", [
-    ("falcon_h1", {}, "packed_seq_params"),
+    ("falcon_h1", {"mamba_proj_bias": True}, "mamba_proj_bias=True"),
+    ("falcon_h1", {"mamba_conv_bias": False}, "mamba_conv_bias=False"),
     ("nemotron_h", {"mamba_hidden_act": "gelu"}, "mamba_hidden_act='gelu'"),
     ("nemotron_h", {"time_step_limit": (0.0, 0.1)}, "time_step_limit=(0.0, 0.1)"),
     ("nemotron_h", {"mamba_proj_bias": True}, "mamba_proj_bias=True"),
 ])
 def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type, fields, named):
-    """What megatron-core's Mamba mixer or Bridge's Falcon-H1 model cannot train right is refused by name."""
+    """What megatron-core's Mamba mixer cannot build (Nemotron-H's or Falcon-H1's) is refused by name."""
     from transformers import FalconH1Config, NemotronHConfig
 
     from bridge_sft.models import UnsupportedModelError, _check_hf_config
@@ -119,3 +127,17 @@ def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type,
     message = str(refused.value)
     assert "\n" not in message and message.startswith("some/model: ") and named in message, message
     _check_hf_config("some/model", NemotronHConfig())  # the published defaults pass
+    _check_hf_config("some/model", FalconH1Config())
+
+
+def test_mamba_groups_tensor_parallelism_cannot_split_is_refused_in_one_line():
+    """Falcon-H1's single Mamba group cannot be split over 2 tensor-parallel ranks (megatron-core asserts while
+    building the model): refused at config time, by name."""
+    from types import SimpleNamespace
+
+    from bridge_sft.models import UnsupportedModelError, check_provider
+
+    with pytest.raises(UnsupportedModelError) as refused:
+        check_provider(SimpleNamespace(mamba_num_groups=1, tensor_model_parallel_size=2))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("model.tensor_model_parallel_size=2: ") and "1 group" in message
