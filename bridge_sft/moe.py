@@ -294,6 +294,14 @@ def check_moe_config(config, world_size: int | None = None) -> None:
     if capacity is not None and any(t in ("sinkhorn", "quantile_balancing") for t in type_list):
         raise ValueError(f"model.moe_expert_capacity_factor={capacity} (token dropping) works with the aux-loss "
                          f"load-balancing types or 'none', not {types!r}: unset one of them.")
+    cp = getattr(model, "context_parallel_size", 1) or 1
+    if cp > 1 and model.moe_z_loss_coeff and not getattr(config.dataset, "packing", True):
+        # megatron-core averages the z-loss per rank over that rank's unpadded tokens, and a padded (unpacked)
+        # micro-batch puts different numbers of padding slots on each CP rank: one loss scale per micro-batch
+        # cannot make both the z-loss and the load-balancing loss exact (measured: z-loss 3 % off at CP=2).
+        raise ValueError(f"model.moe_z_loss_coeff={model.moe_z_loss_coeff} with context_parallel={cp} and "
+                         "unpacked data: the router z-loss would be weighted per context-parallel rank. Use "
+                         "packing=true (the default), or model.moe_z_loss_coeff=0.")
     if model.moe_pad_expert_input_to_capacity and capacity is None:
         raise ValueError("model.moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor "
                          "(e.g. 1.0): set it, or moe_pad_expert_input_to_capacity=false.")

@@ -244,6 +244,7 @@ def test_bad_moe_settings_name_the_key_and_the_fix(micro_batch_of_4):
         "tp_no_sp": "model.tensor_model_parallel_size=2 with experts needs sequence parallelism",
         "pad_capacity": "model.moe_pad_expert_input_to_capacity=true needs model.moe_expert_capacity_factor",
         "overlap": "comm_overlap.overlap_moe_expert_parallel_comm=true",
+        "cp_z_loss_unpacked": "model.moe_z_loss_coeff=0.001 with context_parallel=2 and unpacked data",
     }
     assert set(errors) == set(expected) | {"ok", "dry_run_world"}
     for key, message in expected.items():

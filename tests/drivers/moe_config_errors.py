@@ -24,6 +24,11 @@ def check_cases(moe_dir, dense_dir) -> dict:
             setattr(c.model, key, value)
         return c
 
+    def model_of(c, **fields):
+        for key, value in fields.items():
+            setattr(c.model, key, value)
+        return c
+
     overlap = config()
     overlap.comm_overlap = type("CommOverlap", (), {"overlap_moe_expert_parallel_comm": True})()
     cases = {
@@ -40,6 +45,7 @@ def check_cases(moe_dir, dense_dir) -> dict:
         "tp_no_sp": (config(tensor_parallel=2), 2),
         "pad_capacity": (model(moe_pad_expert_input_to_capacity=True), 2),
         "overlap": (overlap, 2),
+        "cp_z_loss_unpacked": (model_of(config(packing=False), context_parallel_size=2, moe_z_loss_coeff=1e-3), 2),
     }
     errors = {}
     for name, (cfg, world_size) in cases.items():
