@@ -90,7 +90,18 @@ def greedy_answer(model, prompt: list[int], max_new_tokens: int, stop_ids: set[i
 
 
 def _text(tokenizer, ids: list[int]) -> str:
-    return re.sub(r"\s+", " ", tokenizer.decode(ids, skip_special_tokens=True)).strip()
+    """``ids`` as one line of text; special tokens (turn headers, end of turn) become spaces, so that
+    ``<|start_header_id|>user<|end_header_id|>Hi`` reads ``user Hi``."""
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    pieces, run = [], []
+    for i in [*ids, None]:
+        if i is None or i in specials:
+            if run:
+                pieces.append(tokenizer.decode(run))
+            run = []
+        else:
+            run.append(i)
+    return re.sub(r"\s+", " ", " ".join(pieces)).strip()
 
 
 def _clip(text: str, head: bool) -> str:
