@@ -93,7 +93,10 @@ def _demo(args, console) -> int:
 
     config = tiny(str(hf_dir), str(data), output_dir=str(out / "run"), train_iters=args.steps, lr=3e-3,
                   min_lr=3e-4, eval_interval=max(args.steps // 4, 1), save_interval=args.steps,
-                  log_interval=max(args.steps // 10, 1), eval_samples=2, eval_sample_tokens=24)
+                  log_interval=max(args.steps // 10, 1), eval_sample_tokens=24,
+                  # the model's answers to 2 held-out prompts at each evaluation; a run of a few steps (a smoke
+                  # test) shows none: its answers say nothing, and its evaluations come every step
+                  eval_samples=2 if args.steps >= 20 else 0)
     console.configure(config)  # warnings: all to the log, the console filters
     rows = dict(describe_run(config))
     for label in HEADER_ROWS:
