@@ -98,37 +98,36 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
         )
 
 
+_NO_DT_LIMIT = (0.0, float("inf"))
+
+
 def _check_nemotron_h_mamba(hf_path: str, hf_config) -> None:
     """Mamba settings megatron-core 0.19.2's MambaMixer does not follow (it asserts on some, ignores others):
     a SiLU convolution activation, no projection bias, a convolution bias, no limit on dt."""
-    limit = tuple(getattr(hf_config, "time_step_limit", (0.0, float("inf"))) or (0.0, float("inf")))
-    unsupported = {
-        "mamba_hidden_act": (getattr(hf_config, "mamba_hidden_act", "silu"), "silu"),
-        "mamba_proj_bias": (getattr(hf_config, "mamba_proj_bias", False), False),
-        "use_conv_bias": (getattr(hf_config, "use_conv_bias", True), True),
-        "time_step_limit": (limit, (0.0, float("inf"))),
-    }
-    for field, (value, supported) in unsupported.items():
-        if value != supported:
-            raise UnsupportedModelError(
-                f"{hf_path}: Nemotron-H with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
-                f"mixer only builds {field}={supported!r} (as every published Nemotron-H and Nemotron 3 model has).")
+    _refuse_mamba_settings(hf_path, hf_config, "Nemotron-H", {"mamba_hidden_act": "silu", "mamba_proj_bias": False,
+                                                              "use_conv_bias": True, "time_step_limit": _NO_DT_LIMIT},
+                           "every published Nemotron-H and Nemotron 3 model")
 
 
 def _check_falcon_h1_mamba(hf_path: str, hf_config) -> None:
     """Falcon-H1 Mamba settings megatron-core 0.19.2's MambaMixer does not build (Bridge's FalconH1MambaMixer
     is one): it asserts a convolution bias and no projection bias, and Bridge maps no dt limit."""
-    limit = tuple(getattr(hf_config, "time_step_limit", (0.0, float("inf"))) or (0.0, float("inf")))
-    unsupported = {
-        "mamba_proj_bias": (getattr(hf_config, "mamba_proj_bias", False), False),
-        "mamba_conv_bias": (getattr(hf_config, "mamba_conv_bias", True), True),
-        "time_step_limit": (limit, (0.0, float("inf"))),
-    }
-    for field, (value, supported) in unsupported.items():
-        if value != supported:
+    _refuse_mamba_settings(hf_path, hf_config, "Falcon-H1", {"mamba_proj_bias": False, "mamba_conv_bias": True,
+                                                             "time_step_limit": _NO_DT_LIMIT},
+                           "every published Falcon-H1 model")
+
+
+def _refuse_mamba_settings(hf_path: str, hf_config, family: str, supported: dict, published: str) -> None:
+    """One line for the first ``hf_config`` field whose value differs from the only one ``supported`` (a field
+    the config lacks has the supported value)."""
+    for field, wanted in supported.items():
+        value = getattr(hf_config, field, wanted)
+        if field == "time_step_limit":
+            value = tuple(value or wanted)
+        if value != wanted:
             raise UnsupportedModelError(
-                f"{hf_path}: Falcon-H1 with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
-                f"mixer only builds {field}={supported!r} (as every published Falcon-H1 model has).")
+                f"{hf_path}: {family} with {field}={value!r} is not supported: megatron-core 0.19.2's Mamba "
+                f"mixer only builds {field}={wanted!r} (as {published} has).")
 
 
 def _no_experts_without_moe_layers(provider, hf_config) -> None:
