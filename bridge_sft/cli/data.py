@@ -64,6 +64,13 @@ def add_parser(subparsers) -> None:
 
 def _common(parser) -> None:
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer directory (or hub id)")
+    add_rendering_arguments(parser)
+    parser.add_argument("--train-on", choices=("assistant", "last_assistant", "all"), default="assistant")
+    parser.add_argument("--empty-think", choices=("mask", "train"), default="mask")
+
+
+def add_rendering_arguments(parser) -> None:
+    """The flags that say how records are read and rendered (``data`` and ``eval`` share them)."""
     parser.add_argument("--format", default="auto",
                         choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion"))
     parser.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
@@ -71,8 +78,6 @@ def _common(parser) -> None:
     parser.add_argument("--chat-template", default=None, help="a .jinja file overriding the tokenizer's template")
     parser.add_argument("--template-kwarg", action="append", default=[], metavar="KEY=VALUE",
                         help="template variable, VALUE parsed as JSON if it can be (enable_thinking=false)")
-    parser.add_argument("--train-on", choices=("assistant", "last_assistant", "all"), default="assistant")
-    parser.add_argument("--empty-think", choices=("mask", "train"), default="mask")
     parser.add_argument("--system-prompt", default=None, help="system message for conversations without one")
 
 
@@ -92,18 +97,24 @@ def _pairs(items: list[str], what: str, parse_json: bool = False) -> dict | None
 
 
 def _options(args, seq_length: int):
+    return encode_options(args, args.tokenizer, seq_length)
+
+
+def encode_options(args, tokenizer_path: str, seq_length: int):
+    """``EncodeOptions`` from the command's flags (those it lacks keep their defaults), validated;
+    a bad value is a ``UserError``."""
     from bridge_sft.data.cache import EncodeOptions
     from bridge_sft.data.formats import DataError
 
     options = EncodeOptions(
-        tokenizer_path=args.tokenizer,
+        tokenizer_path=tokenizer_path,
         seq_length=seq_length,
-        train_on=args.train_on,
+        train_on=getattr(args, "train_on", "assistant"),
         format=args.format,
         columns=_pairs(args.column, "--column"),
         chat_template=args.chat_template,
         template_kwargs=_pairs(args.template_kwarg, "--template-kwarg", parse_json=True),
-        empty_think=args.empty_think,
+        empty_think=getattr(args, "empty_think", "mask"),
         truncation=getattr(args, "truncation", "truncate"),
         on_bad_record=getattr(args, "on_bad_record", "error"),
         system_prompt=args.system_prompt,

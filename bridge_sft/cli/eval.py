@@ -19,6 +19,7 @@ import sys
 import time
 
 from bridge_sft.cli import UserError
+from bridge_sft.cli.data import add_rendering_arguments
 
 
 def add_parser(subparsers) -> None:
@@ -38,36 +39,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--baseline-hf", dest="baseline_hf_config", help="--hf for the baseline")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: the GPU if torch sees one (default)")
-    parser.add_argument("--format", default="auto",
-                        choices=("auto", "messages", "sharegpt", "alpaca", "prompt_completion"))
-    parser.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
-                        help="use source column SOURCE as NAME (e.g. messages=dialog); repeatable")
-    parser.add_argument("--chat-template", default=None, help="a .jinja file overriding the tokenizer's template")
-    parser.add_argument("--template-kwarg", action="append", default=[], metavar="KEY=VALUE",
-                        help="template variable, VALUE parsed as JSON if it can be (enable_thinking=false)")
-    parser.add_argument("--system-prompt", default=None, help="system message for conversations without one")
+    add_rendering_arguments(parser)
     parser.set_defaults(func=main)
 
 
 def _options(args):
-    from bridge_sft.cli.data import _pairs
-    from bridge_sft.data.errors import DataError
-    from bridge_sft.data.options import EncodeOptions
+    from bridge_sft.cli.data import encode_options
 
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be positive, not {value}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be 0 (greedy) or positive, not {args.temperature}")
-    options = EncodeOptions(tokenizer_path="", seq_length=1 << 30, format=args.format,
-                            columns=_pairs(args.column, "--column"), chat_template=args.chat_template,
-                            template_kwargs=_pairs(args.template_kwarg, "--template-kwarg", parse_json=True),
-                            system_prompt=args.system_prompt)
-    try:
-        options.validate()
-    except DataError as exc:
-        raise UserError(str(exc)) from None
-    return options
+    return encode_options(args, "", 1 << 30)  # each model renders with its own tokenizer; no length limit
 
 
 def main(args) -> int:
