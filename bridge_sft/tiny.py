@@ -142,6 +142,23 @@ NEMOTRON3_TEMPLATE = (
     "{% endif %}"
 )
 
+# Qwen3.5 (its published template's shape): ChatML turns; the last assistant turn carries its reasoning in a
+# <think> block, earlier ones only their answer; the generation prompt opens a <think> block (or an empty one
+# with enable_thinking=False).
+QWEN3_5_TEMPLATE = (
+    "{% set thinking = enable_thinking if enable_thinking is defined else true %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.last and message.get('reasoning_content') %}"
+    "<think>\n{{ message['reasoning_content'] | trim }}\n</think>\n\n"
+    "{% endif %}"
+    "{{ message['content'] | trim }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{{ '<think>\n' if thinking else '<think>\n\n</think>\n\n' }}"
+    "{% endif %}"
+)
+
 # Falcon (Falcon3-Instruct style, which Falcon-H1's tokenizer follows): <|system|> / <|user|> / <|assistant|> headers
 # on their own lines, an answer ends with the end-of-text token.
 FALCON_TEMPLATE = (
@@ -250,6 +267,9 @@ STYLES.update({
                               eos_token="[e~[", pad_token="<pad>"),
     "gemma4": TokenizerStyle(GEMMA4_TEMPLATE, ("<pad>", "<bos>", "<eos>", "<|turn>", "<turn|>"),
                              eos_token="<turn|>", pad_token="<pad>", bos_token="<bos>"),
+    "qwen3_5": TokenizerStyle(QWEN3_5_TEMPLATE, ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                                                 "</think>"),
+                              eos_token="<|im_end|>", pad_token="<|endoftext|>"),
 })
 
 
@@ -504,6 +524,37 @@ TINY_ARCHS.update({
     "minimax_m2": ("MiniMaxM2Config", "minimax", _minimax_m2, False),
 })
 MOE_ARCHS = MOE_ARCHS + ("ernie4_5_moe", "minimax_m2")
+
+
+def _gated_deltanet(s):
+    """Qwen3-Next / Qwen3.5 layers at toy size: 3 gated-DeltaNet layers then 1 gated-attention layer (the published
+    full_attention_interval 4); the flagships' 2 value heads per key head (16/32), their conv width 4; attention
+    heads twice the hidden width (Qwen3.5-9B: 16 x 256 = 4096) with a quarter of each head rotated."""
+    head_dim = 2 * s.hidden_size // s.num_attention_heads
+    return {**_dense(s), "num_hidden_layers": 4, "rms_norm_eps": 1e-6, "head_dim": head_dim,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"], "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
+
+
+def _gated_deltanet_moe(s):
+    """The MoE members: every layer's MLP is routed experts (top 2 of 4, softmax, renormalised) beside a gated
+    shared expert."""
+    return {**_gated_deltanet(s), "num_experts": s.num_experts, "num_experts_per_tok": 2,
+            "moe_intermediate_size": s.moe_intermediate_size, "shared_expert_intermediate_size": s.moe_intermediate_size}
+
+
+def _qwen3_next(s):
+    return {**_gated_deltanet_moe(s), "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+
+
+TINY_ARCHS.update({
+    "qwen3_5": ("Qwen3_5TextConfig", "qwen3_5", _gated_deltanet, False),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "qwen3_5", _gated_deltanet_moe, False),
+    "qwen3_next": ("Qwen3NextConfig", "qwen3_5", _qwen3_next, False),
+})
+MOE_ARCHS = MOE_ARCHS + ("qwen3_5_moe", "qwen3_next")
 
 
 def build_tiny_model(

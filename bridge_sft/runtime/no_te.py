@@ -17,7 +17,8 @@ module tree (names, shapes, parallelism) is the one a TE GPU builds:
    accumulation.
 
 ``SERVED_KERNELS``: the same for the CUDA-only kernel packages of megatron-core's Mamba layers
-(``mamba_ssm``, ``causal_conv1d``), served as ``bridge_sft.runtime.mamba`` to the modules that import them.
+(``mamba_ssm``, ``causal_conv1d``: ``bridge_sft.runtime.mamba``) and gated DeltaNet layers (``fla``:
+``bridge_sft.runtime.gated_delta``), served to the modules that import them.
 
 ``serve_missing_imports()`` does 1. for whichever of these packages is
 not installed (before megatron is imported). Importing this module changes nothing.
@@ -42,17 +43,19 @@ SERVED_TE = (
     "megatron.core.transformer.moe.experts",
     "megatron.core.transformer.moe.shared_experts",
     "megatron.core.post_training.modelopt.layers",
+    "megatron.core.models.gpt.experimental_attention_variant_module_specs",  # gated DeltaNet hybrids' TE spec
     "megatron.bridge.peft.lora_layers",
     "megatron.bridge.models.deepseek.deepseek_v2_bridge",
     "megatron.bridge.models.deepseek.deepseek_v3_bridge",
     "megatron.bridge.models.glm.glm45_bridge",
     "megatron.bridge.models.olmoe.olmoe_provider",
 )
-# CUDA-only kernel packages with plain-torch stand-ins (``bridge_sft.runtime.mamba``): package -> (the megatron
-# modules that get them, the stand-in's PROVIDES table). megatron.core.utils reads their versions (packed training).
+# CUDA-only kernel packages with plain-torch stand-ins in bridge_sft.runtime: package -> (the megatron modules
+# that get them, "stand-in module:its PROVIDES table"). megatron.core.utils reads versions (packed training).
 SERVED_KERNELS = {
-    "mamba_ssm": (("megatron.core.ssm.mamba_mixer", "megatron.core.utils"), "PROVIDES_MAMBA_SSM"),
-    "causal_conv1d": (("megatron.core.ssm.mamba_mixer", "megatron.core.utils"), "PROVIDES_CAUSAL_CONV1D"),
+    "mamba_ssm": (("megatron.core.ssm.mamba_mixer", "megatron.core.utils"), "mamba:PROVIDES_MAMBA_SSM"),
+    "causal_conv1d": (("megatron.core.ssm.mamba_mixer", "megatron.core.utils"), "mamba:PROVIDES_CAUSAL_CONV1D"),
+    "fla": (("megatron.core.ssm.gated_delta_net.common",), "gated_delta:PROVIDES_FLA"),
 }
 # Imported unguarded by Bridge (nvrx >= 0.5 needs glibc 2.39 and 0.4.1 breaks megatron-core): a placeholder.
 SERVED_PLACEHOLDER = {"megatron.bridge.training.pretrain": "nvidia_resiliency_ext"}
@@ -184,9 +187,8 @@ def serve_missing_imports() -> None:
             served.setdefault(name, {}).update(te)
     for package, (package_importers, table) in SERVED_KERNELS.items():
         if not installed(package):
-            from bridge_sft.runtime import mamba
-
-            modules = _stand_in_modules(getattr(mamba, table))
+            stand_in, _, name = table.partition(":")
+            modules = _stand_in_modules(getattr(importlib.import_module(f"bridge_sft.runtime.{stand_in}"), name))
             for name in package_importers:
                 served.setdefault(name, {}).update(modules)
     importers: dict[str, Any] = {name: _import_serving(modules, None) for name, modules in served.items()}
