@@ -22,8 +22,9 @@ from transformers import AutoConfig
 from bridge_sft.published_configs import PUBLISHED, lost_fields
 from bridge_sft.tiny import MOE_ARCHS, TINY_ARCHS, build_published_tiny_model, build_tiny_model
 
-# custom TE spec + windows; sinks + biased MoE; MLA + MoE; Mamba-2 hybrid (its MoE variant: extended)
-TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3", "nemotron_h")
+# custom TE spec + windows; sinks + biased MoE; MLA + MoE; Mamba-2 hybrid (its MoE variant: extended); gated-DeltaNet
+# hybrid (its MoE variants, Qwen3.5 MoE and Qwen3-Next: extended)
+TRAINED_BY_DEFAULT = ("gemma3", "gpt_oss", "deepseek_v3", "nemotron_h", "qwen3_5")
 # Loss drop over the 8 iterations of the training test: 0.2, less for the families whose tiny models learn more
 # slowly: Gemma 4 (loss 6.26 -> 6.13, falling at every step from the 4th; its export equals the trained model
 # within 1e-6), the Mamba-2 hybrids (measured drops: 0.21 for nemotron_h, 0.13 for its MoE variant, whose gradients
