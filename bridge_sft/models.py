@@ -89,6 +89,8 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
         _check_nemotron_h_mamba(hf_path, hf_config)
     if model_type == "falcon_h1":
         _check_falcon_h1_mamba(hf_path, hf_config)
+    if model_type == "qwen3_next":
+        _check_qwen3_next(hf_path, hf_config)
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
         raise UnsupportedModelError(
@@ -99,6 +101,21 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
 
 
 _NO_DT_LIMIT = (0.0, float("inf"))
+
+
+def _check_qwen3_next(hf_path: str, hf_config) -> None:
+    """Qwen3-Next settings Megatron-Bridge 0.6.2's Qwen3NextBridge does not map (it builds every layer's MLP as
+    experts, renormalises the top-k router weights, and adds no q/k/v bias), each as the published
+    Qwen3-Next-80B-A3B has it."""
+    published = {"mlp_only_layers": [], "decoder_sparse_step": 1, "norm_topk_prob": True, "attention_bias": False}
+    for key, wanted in published.items():
+        value = getattr(hf_config, key, wanted)
+        if value != wanted:
+            raise UnsupportedModelError(
+                f"{hf_path}: Qwen3-Next with {key}={value!r} is not supported: Megatron-Bridge 0.6.2's Qwen3-Next "
+                f"bridge builds the model as {key}={wanted!r} (as the published Qwen3-Next-80B-A3B), so Megatron "
+                "would train a different model than the checkpoint's."
+            )
 
 
 def _check_nemotron_h_mamba(hf_path: str, hf_config) -> None:

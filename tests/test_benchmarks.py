@@ -29,6 +29,7 @@ from benchmarks.step_overhead import BRIDGE, OURS  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 100 s; a check of the GPU script's packaging, not of training (CI runs it)
 def test_gpu_check_dry_run_with_only_carried_packages(tmp_path):
     run_python(REPO / "tests" / "drivers" / "bench_gpu_imports.py", tmp_path, timeout=600)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())

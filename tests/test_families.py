@@ -115,20 +115,26 @@ def test_moe_families_under_tensor_and_expert_parallelism(tiny_models, tmp_path)
     ("nemotron_h", {"mamba_hidden_act": "gelu"}, "mamba_hidden_act='gelu'"),
     ("nemotron_h", {"time_step_limit": (0.0, 0.1)}, "time_step_limit=(0.0, 0.1)"),
     ("nemotron_h", {"mamba_proj_bias": True}, "mamba_proj_bias=True"),
+    ("qwen3_next", {"mlp_only_layers": [0, 3]}, "mlp_only_layers=[0, 3]"),
+    ("qwen3_next", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob=False"),
 ])
-def test_mamba_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type, fields, named):
-    """What megatron-core's Mamba mixer cannot build (Nemotron-H's or Falcon-H1's) is refused by name."""
-    from transformers import FalconH1Config, NemotronHConfig
+def test_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type, fields, named):
+    """What megatron-core's Mamba mixer cannot build (Nemotron-H's or Falcon-H1's), or Bridge's Qwen3-Next bridge
+    does not map, is refused by name."""
+    from transformers import FalconH1Config, NemotronHConfig, Qwen3NextConfig
 
     from bridge_sft.models import UnsupportedModelError, _check_hf_config
 
-    config = {"falcon_h1": FalconH1Config, "nemotron_h": NemotronHConfig}[model_type](**fields)
+    config = {"falcon_h1": FalconH1Config, "nemotron_h": NemotronHConfig,
+              "qwen3_next": Qwen3NextConfig}[model_type](**fields)
     with pytest.raises(UnsupportedModelError) as refused:
         _check_hf_config("some/model", config)
     message = str(refused.value)
     assert "\n" not in message and message.startswith("some/model: ") and named in message, message
     _check_hf_config("some/model", NemotronHConfig())  # the published defaults pass
     _check_hf_config("some/model", FalconH1Config())
+    _check_hf_config("some/model", Qwen3NextConfig())
 
 
 def test_mamba_groups_tensor_parallelism_cannot_split_is_refused_in_one_line():

@@ -277,3 +277,26 @@ def test_lora_adapts_the_experts_and_exports_merged(tiny_moe, tmp_path):
     merged = hf_logits(tmp_path / "merged", tokens)
     assert (merged - hf_logits(tiny_moe, tokens)).abs().max() > 1e-3  # the adapters were merged in
     torch.testing.assert_close(merged, torch.load(out / "probe_logits.pt"), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_global_aux_loss_of_the_gated_deltanet_moe_is_weighted_as_in_pretraining(tiny_models, tmp_path):
+    """Qwen3-Next and Qwen3.5 MoE train with megatron-core's ``global_aux_loss`` (Bridge's providers; its expert
+    loads are counted over the whole global batch). On the tiny Qwen3-Next (4 MoE layers, 3 of them after
+    gated-DeltaNet layers), its router-weight gradient is the same with 100% and with 30% of the tokens
+    supervised (the supervised share does not scale it), and it reaches every router. Bridge's own step is off by
+    the supervised share, as for the other load-balancing losses."""
+    hf = tiny_models["qwen3_next"]
+    schedule = [(data, {"step": step, **aux}) for step in ("ours", "bridge") for data in ("full", "part")
+                for aux in ({"aux": AUX}, {})]
+    run_moe(tmp_path, "global", hf, [(data, {**entry, "grads": True}) for data, entry in schedule])
+    g = grads(tmp_path, "global")
+    routers = [name for name in g[1] if name.endswith("router.weight")]
+    assert len(routers) == 4, routers
+    share = 4 * SEQ / sum(SUPERVISED)
+    for name in routers:
+        full, part = contribution(g, 1, 2, name), contribution(g, 3, 4, name)
+        assert full.abs().max() > 1e-4 * g[2][name].abs().max(), name
+        assert rel(part, full) < 1e-6, (name, rel(part, full))
+        bridge_full, bridge_part = contribution(g, 5, 6, name), contribution(g, 7, 8, name)
+        assert rel(bridge_full, full) < 1e-6 and rel(bridge_part, share * part) < 1e-5, name
