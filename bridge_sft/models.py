@@ -91,6 +91,15 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
         _check_falcon_h1_mamba(hf_path, hf_config)
     if model_type == "qwen3_next":
         _check_qwen3_next(hf_path, hf_config)
+    if model_type == "glm_moe_dsa":
+        # Bridge 0.6.2's GLM-5 bridge reads `indexer_rope_interleave`, which transformers 5.12's GlmMoeDsaConfig
+        # lacks (AttributeError), and megatron-core's DeepSeek sparse attention needs CUDA kernels
+        # (fast_hadamard_transform, its TileLang/cuDNN indexer kernels) that have no plain-torch stand-in here.
+        raise UnsupportedModelError(
+            f"{hf_path}: GLM-5 (GlmMoeDsaForCausalLM, DeepSeek sparse attention) is not supported: Megatron-Bridge "
+            "0.6.2 cannot read its transformers 5.12 config, and its sparse-attention indexer needs CUDA kernels "
+            "bridge-sft has no stand-in for. Fine-tune a GLM-4.5 (Glm4MoeForCausalLM) model instead."
+        )
     if model_type == "olmoe" and hf_config.num_key_value_heads != hf_config.num_attention_heads:
         # Bridge's OLMoE attention builds its k norm over num_attention_heads * head_dim.
         raise UnsupportedModelError(

@@ -118,16 +118,17 @@ def test_moe_families_under_tensor_and_expert_parallelism(tiny_models, tmp_path)
     ("qwen3_next", {"mlp_only_layers": [0, 3]}, "mlp_only_layers=[0, 3]"),
     ("qwen3_next", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
     ("qwen3_next", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ("glm_moe_dsa", {}, "DeepSeek sparse attention"),
 ])
 def test_hybrids_megatron_cannot_build_are_refused_in_one_line(model_type, fields, named):
     """What megatron-core's Mamba mixer cannot build (Nemotron-H's or Falcon-H1's), or Bridge's Qwen3-Next bridge
-    does not map, is refused by name."""
-    from transformers import FalconH1Config, NemotronHConfig, Qwen3NextConfig
+    does not map, or GLM-5's sparse attention, is refused by name."""
+    from transformers import FalconH1Config, GlmMoeDsaConfig, NemotronHConfig, Qwen3NextConfig
 
     from bridge_sft.models import UnsupportedModelError, _check_hf_config
 
     config = {"falcon_h1": FalconH1Config, "nemotron_h": NemotronHConfig,
-              "qwen3_next": Qwen3NextConfig}[model_type](**fields)
+              "qwen3_next": Qwen3NextConfig, "glm_moe_dsa": GlmMoeDsaConfig}[model_type](**fields)
     with pytest.raises(UnsupportedModelError) as refused:
         _check_hf_config("some/model", config)
     message = str(refused.value)
