@@ -299,9 +299,9 @@ TINY_SIZES.update({
 # The published configs write the layer pattern as full_attention_interval 4 (3 gated-DeltaNet layers, then one
 # gated-attention layer), which transformers turns into layer_types. Qwen3.5 checkpoints are vision-language
 # (Qwen3_5*ForConditionalGeneration): what is written here is their text_config, whose interleaved M-RoPE equals
-# plain RoPE on text (the same position in all three sections). The multi-token-prediction layer
-# (mtp_num_hidden_layers 1) and mamba_ssm_dtype / attn_output_gate (no config field: HF and megatron always gate)
-# are left out. Where Megatron-Bridge's and transformers' copies of a config disagree or are silent, it says so.
+# plain RoPE on text (the same position in all three sections). Left out: the multi-token-prediction layer (Qwen3.5
+# text_configs write mtp_num_hidden_layers 1), mamba_ssm_dtype, and attn_output_gate (no transformers config field:
+# HF and megatron always gate). Where the copies of a config disagree or are silent, the comment says so.
 SIZE_FIELDS = SIZE_FIELDS | {"linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                              "linear_value_head_dim", "shared_expert_intermediate_size"}
 
