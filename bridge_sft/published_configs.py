@@ -295,6 +295,69 @@ TINY_SIZES.update({
 })
 
 
+# --- 2026 families (issue 20): Qwen3-Next and Qwen3.5 (gated DeltaNet + gated attention hybrids) ---
+# The published configs write the layer pattern as full_attention_interval 4 (3 gated-DeltaNet layers, then one
+# gated-attention layer), which transformers turns into layer_types. Qwen3.5 checkpoints are vision-language
+# (Qwen3_5*ForConditionalGeneration): what is written here is their text_config, whose interleaved M-RoPE equals
+# plain RoPE on text (the same position in all three sections). Left out: the multi-token-prediction layer (Qwen3.5
+# text_configs write mtp_num_hidden_layers 1), mamba_ssm_dtype, and attn_output_gate (no transformers config field:
+# HF and megatron always gate). Where the copies of a config disagree or are silent, the comment says so.
+SIZE_FIELDS = SIZE_FIELDS | {"linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                             "linear_value_head_dim", "shared_expert_intermediate_size"}
+
+_GATED_DELTANET = dict(full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                       linear_value_head_dim=128, linear_num_key_heads=16, hidden_act="silu",
+                       max_position_embeddings=262144, rms_norm_eps=1e-6, attention_bias=False,
+                       tie_word_embeddings=False)
+_QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                 "mrope_section": [11, 11, 10], "mrope_interleaved": True}
+
+PUBLISHED.update({
+    # Qwen/Qwen3-Next-80B-A3B-Instruct config.json, as Megatron-Bridge's tests/unit_tests/models/qwen/
+    # test_qwen3_next_bridge.py writes it down (THUDM/slime's scripts/models/qwen3-next-80B-A3B.sh and transformers'
+    # Qwen3NextConfig defaults agree): every layer MoE, 512 experts, top 10, a gated shared expert.
+    "qwen3-next-80b-a3b": ("qwen3_next", dict(
+        _GATED_DELTANET, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=2, head_dim=256, linear_num_value_heads=32, rope_theta=10000000,
+        partial_rotary_factor=0.25, rope_scaling=None, num_experts=512, num_experts_per_tok=10,
+        moe_intermediate_size=512, shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], router_aux_loss_coef=0.001)),
+    # Qwen/Qwen3.5-27B config.json, text_config, as Megatron-Bridge's tests/unit_tests/models/qwen/
+    # test_qwen35_bridge.py and qwen_vl/test_qwen35_vl_bridge.py write it down (head_dim 256 from the latter and from
+    # slime's qwen3.5-27B.sh; the former leaves it to the config default, also 256). 24 x 256 = 1.2 x hidden;
+    # 3 value heads per key head. The M-RoPE sections: [11, 11, 10] in Bridge's VL test and transformers' default;
+    # mrope_interleaved True from other published Qwen3.5 text_configs (4B, 35B-A3B), not seen for 27B itself.
+    "qwen3.5-27b": ("qwen3_5", dict(
+        _GATED_DELTANET, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
+        num_key_value_heads=4, head_dim=256, linear_num_value_heads=48, rope_parameters=_QWEN3_5_ROPE)),
+    # Qwen/Qwen3.5-35B-A3B config.json, text_config: transformers' Qwen3_5MoeTextConfig defaults (its docstring
+    # checkpoint) and slime's qwen3.5-35B-A3B.sh agree on every size; every layer MoE (softmax router, top-k always
+    # renormalised: no norm_topk_prob field), 256 experts, top 8, a gated shared expert. The router_aux_loss_coef
+    # (0.001, the class default) is left out: the published text_configs seen do not write it.
+    "qwen3.5-35b-a3b": ("qwen3_5_moe", dict(
+        _GATED_DELTANET, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=256, linear_num_value_heads=32, rope_parameters=_QWEN3_5_ROPE, num_experts=256,
+        num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512)),
+})
+
+# One full pattern (3 gated-DeltaNet layers, 1 attention layer); attention heads x head_dim and linear key / value
+# widths in the published proportion to hidden, linear head dims half the attention head_dim as published, query
+# heads per key/value head and value heads per key head as published; the top-k kept, fewer experts.
+TINY_SIZES.update({
+    "qwen3-next-80b-a3b": dict(num_hidden_layers=4, hidden_size=128, intermediate_size=320, num_attention_heads=8,
+                               num_key_value_heads=1, head_dim=32, linear_num_key_heads=8, linear_num_value_heads=16,
+                               linear_key_head_dim=16, linear_value_head_dim=16, num_experts=32,
+                               num_experts_per_tok=10, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3.5-27b": dict(num_hidden_layers=4, hidden_size=160, intermediate_size=544, num_attention_heads=6,
+                        num_key_value_heads=1, head_dim=32, linear_num_key_heads=4, linear_num_value_heads=12,
+                        linear_key_head_dim=16, linear_value_head_dim=16),
+    "qwen3.5-35b-a3b": dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=8, num_key_value_heads=1,
+                            head_dim=32, linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=16,
+                            linear_value_head_dim=16, num_experts=32, num_experts_per_tok=8,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=32),
+})
+
+
 def tiny_fields(name: str) -> tuple[str, dict]:
     """``(family, fields)`` of the tiny stand-in of flagship ``name``: the published fields with the
     sizes of ``TINY_SIZES[name]`` (vocabulary and token ids excepted: the builder's tokenizer sets them)."""
@@ -313,7 +376,8 @@ def lost_fields(name: str, config) -> list[str]:
     does not carry (empty when it keeps them all): every non-size field (RoPE ones through
     ``rope_parameters``, per layer type for Gemma 3), the window pattern, a window no larger than
     published (and equal when 512 or less), ``head_dim`` != hidden/heads where published (outside MLA), query heads per
-    key/value head, dense first layers followed by MoE layers, and experts per token per routing group."""
+    key/value head, dense first layers followed by MoE layers, experts per token per routing group, and for the gated
+    DeltaNet hybrids the ``full_attention_interval`` pattern (with both layer kinds) and value heads per key head."""
     _, fields = PUBLISHED[name]
     rope = dict(getattr(config, "rope_parameters", None) or {})  # None: no RoPE (Nemotron-H)
     full = rope.get("full_attention", rope)
@@ -329,6 +393,10 @@ def lost_fields(name: str, config) -> list[str]:
             kind = (value or {}).get("rope_type", (value or {}).get("type", "default"))
             kept = full.get("rope_type", "default") == kind and all(
                 full.get(k) == v for k, v in (value or {}).items() if k not in ("type", "rope_type"))
+        elif key == "full_attention_interval":  # transformers writes it as layer_types; every kind in the tiny one
+            pattern = ["linear_attention" if (i + 1) % value else "full_attention"
+                       for i in range(config.num_hidden_layers)]
+            kept = list(config.layer_types) == pattern and config.num_hidden_layers >= value
         elif key == "partial_rotary_factor":
             kept = full.get(key, getattr(config, key, None)) == value
         else:
@@ -357,6 +425,9 @@ def lost_fields(name: str, config) -> list[str]:
         lost.append("head_dim != hidden_size / num_attention_heads")
     if heads // kv_heads != config.num_attention_heads // config.num_key_value_heads:
         lost.append("query heads per key/value head")
+    if "linear_num_key_heads" in fields and (fields["linear_num_value_heads"] // fields["linear_num_key_heads"]
+                                             != config.linear_num_value_heads // config.linear_num_key_heads):
+        lost.append("linear-attention value heads per key head")
     if "first_k_dense_replace" in fields and layers <= fields["first_k_dense_replace"]:
         lost.append("MoE layers after the dense first layers")
     if fields.get("n_group", 1) > 1 and (config.num_experts_per_tok // config.topk_group

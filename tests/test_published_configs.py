@@ -31,7 +31,8 @@ def test_tiny_config_keeps_every_published_field(name, tmp_path):
 
 def test_lost_fields_sees_a_dropped_field():
     """The check itself: a tiny config built without a published field (Gemma 3 4B's linear RoPE scaling,
-    its local RoPE base, Moonlight's routed scaling) reports it."""
+    its local RoPE base, Moonlight's routed scaling, Qwen3.5's layer pattern and value heads per key head) reports
+    it."""
     family, fields = tiny_fields("gemma-3-4b")
     config = getattr(transformers, TINY_ARCHS[family][0])(**{**fields, "rope_scaling": None,
                                                              "rope_local_base_freq": 1e6})
@@ -39,4 +40,9 @@ def test_lost_fields_sees_a_dropped_field():
     family, fields = tiny_fields("moonlight-16b-a3b")
     config = getattr(transformers, TINY_ARCHS[family][0])(**{**fields, "routed_scaling_factor": 1.0})
     assert lost_fields("moonlight-16b-a3b", config) == ["routed_scaling_factor"]
+    family, fields = tiny_fields("qwen3.5-27b")  # 1 attention layer in 2, 1 value head per key head
+    config = getattr(transformers, TINY_ARCHS[family][0])(**{**fields, "full_attention_interval": 2,
+                                                             "linear_num_value_heads": 4})
+    assert lost_fields("qwen3.5-27b", config) == ["full_attention_interval",
+                                                  "linear-attention value heads per key head"]
 

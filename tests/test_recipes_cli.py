@@ -11,6 +11,8 @@ import pytest
 import yaml
 from launch import REPO, run_python
 
+from bridge_sft.published_configs import PUBLISHED as FLAGSHIPS
+
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
@@ -180,10 +182,32 @@ LONG_CONTEXT_EXPECTED = {"qwen3_8b_32k": (4, True, 2, "a2a", 32768, 8, 8, 5e-6, 
                          "qwen3_0p6b_128k": (1, False, 8, None, 131072, 8, 16, 1e-6, 3.2)}
 
 
+# Gated DeltaNet hybrids (issue 20): the published config.json fields of bridge_sft.published_configs, written as the
+# checkpoint's config.json (Qwen3.5: its text_config, as a text-only Qwen3_5(Moe)ForCausalLM), with the published
+# vocabularies. preset: (TP, SP, PP, EP, seq, global batch, lr) of Bridge 0.6.2's SFT recipe, and of its LoRA one
+# (None: no LoRA recipe, the preset refuses peft=lora).
+def _flagship(name, architecture, model_type, vocab):
+    return {"architectures": [architecture], "model_type": model_type, "vocab_size": vocab, "torch_dtype": "bfloat16",
+            **FLAGSHIPS[name][1]}
+
+
+GATED_DELTANET_PUBLISHED = {
+    "qwen3_next_80b_a3b": _flagship("qwen3-next-80b-a3b", "Qwen3NextForCausalLM", "qwen3_next", 151936),
+    "qwen35_27b": _flagship("qwen3.5-27b", "Qwen3_5ForCausalLM", "qwen3_5_text", 248320),
+    "qwen35_35b_a3b": _flagship("qwen3.5-35b-a3b", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", 248320),
+}
+GATED_DELTANET_EXPECTED = {
+    "qwen3_next_80b_a3b": ((1, False, 2, 8, 2048, 64, 5e-6), None),
+    "qwen35_27b": ((4, False, 4, 1, 4096, 32, 5e-6), (2, False, 1, 1, 4096, 32, 1e-4)),
+    "qwen35_35b_a3b": ((2, True, 1, 16, 4096, 32, 2e-5), (2, True, 1, 4, 4096, 32, 2e-4)),
+}
+
+
 @pytest.fixture(scope="module")
 def hf_configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-configs")
-    for name, config in {**PUBLISHED, **MOE_PUBLISHED, **HYBRID_PUBLISHED, **LONG_CONTEXT_PUBLISHED}.items():
+    for name, config in {**PUBLISHED, **MOE_PUBLISHED, **HYBRID_PUBLISHED, **LONG_CONTEXT_PUBLISHED,
+                         **GATED_DELTANET_PUBLISHED}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
     data = root / "chat.jsonl"
@@ -202,7 +226,7 @@ def preset_shapes(hf_configs):
 def test_every_preset_builds_the_published_model_shape(preset_shapes):
     result = preset_shapes
     assert set(result) == (set(PUBLISHED) | set(MOE_PUBLISHED) | set(HYBRID_PUBLISHED)
-                           | set(LONG_CONTEXT_PUBLISHED))
+                           | set(LONG_CONTEXT_PUBLISHED) | set(GATED_DELTANET_PUBLISHED))
     for name, hf in PUBLISHED.items():
         full, lora = result[name]["full"], result[name]["lora"]
         assert full["num_layers"] == hf["num_hidden_layers"], name
@@ -296,6 +320,47 @@ def test_mamba_hybrid_presets_build_the_published_model_with_bridges_parallelism
         assert (lora["tensor_model_parallel_size"], lora["expert_model_parallel_size"], lora["lr"],
                 lora["lora"]) == (1, ep, 1e-4, list(lora_targets[name])), name
         assert {k: from_yaml[k] for k in full} == full, name
+
+
+def test_gated_deltanet_presets_build_the_published_model_with_bridges_parallelism(preset_shapes):
+    """Qwen3-Next-80B-A3B, Qwen3.5-27B and -35B-A3B: the published attention, gated-DeltaNet (3 linear-attention
+    layers per attention layer, head counts and dims), partial RoPE and MoE shapes, and Megatron-Bridge 0.6.2's
+    recipe parallelism for SFT and LoRA (Qwen3-Next: LoRA refused in one line, as Bridge has no recipe for it)."""
+    for name, hf in GATED_DELTANET_PUBLISHED.items():
+        full, lora, from_yaml = (preset_shapes[name][key] for key in ("full", "lora", "yaml"))
+        assert (full["num_layers"], full["hidden_size"], full["num_attention_heads"], full["num_query_groups"],
+                full["kv_channels"], full["vocab_size"], full["share_embeddings_and_output_weights"]) == (
+            hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
+            hf["head_dim"], hf["vocab_size"], hf["tie_word_embeddings"]), name
+        every = hf["full_attention_interval"]  # megatron's pattern: 1 a gated-DeltaNet layer, 0 an attention layer
+        pattern = [0 if (i + 1) % every == 0 else 1 for i in range(hf["num_hidden_layers"])]
+        assert (full["experimental_attention_variant"], full["linear_attention_freq"],
+                full["attention_output_gate"]) == ("gated_delta_net", pattern, True), name
+        assert [full[key] for key in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                                      "linear_num_key_heads", "linear_num_value_heads")] == [
+            hf[key] for key in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                                "linear_num_key_heads", "linear_num_value_heads")], name
+        rope = hf.get("rope_parameters", hf)
+        assert (full["rotary_percent"], full["rotary_base"]) == (rope["partial_rotary_factor"], rope["rope_theta"])
+        if "num_experts" in hf:
+            assert (full["num_moe_experts"], full["moe_router_topk"], full["moe_ffn_hidden_size"],
+                    full["moe_shared_expert_intermediate_size"], full["moe_shared_expert_gate"]) == (
+                hf["num_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"],
+                hf["shared_expert_intermediate_size"], True), name
+        else:
+            assert full["num_moe_experts"] is None and full["ffn_hidden_size"] == hf["intermediate_size"], name
+        expected, expected_lora = GATED_DELTANET_EXPECTED[name]
+        parallel = ("tensor_model_parallel_size", "sequence_parallel", "pipeline_model_parallel_size",
+                    "expert_model_parallel_size", "seq_length", "global_batch_size", "lr")
+        assert tuple(full[key] for key in parallel) == expected and full["peft"] is None, name
+        assert full["dataset_seq_length"] == full["seq_length"] and full["expert_tensor_parallel_size"] == 1, name
+        assert full["calculate_per_token_loss"] and not full["average_in_collective"], name
+        assert {k: from_yaml[k] for k in full} == full, name
+        if expected_lora is None:
+            assert "has no LoRA preset" in lora["refused"] and "peft=lora" in lora["refused"], name
+            continue
+        assert tuple(lora[key] for key in parallel) == expected_lora, name
+        assert lora["lora"] == [ATTENTION_MLP, 32, 32] and lora["expert_tensor_parallel_size"] == 1, name
 
 
 def test_long_context_presets_carry_bridges_context_parallel_settings(preset_shapes):

@@ -276,3 +276,51 @@ def exaone4_1p2b(hf_path: str = "LGAI-EXAONE/EXAONE-4.0-1.2B", data=None, **over
 
 
 PRESETS.update({fn.__name__: fn for fn in (exaone4_1p2b,)})
+
+
+# Qwen3-Next and Qwen3.5 (gated DeltaNet + gated attention hybrids). Megatron-Bridge 0.6.2's recipes:
+# recipes/qwen/h100/qwen3_next.py (SFT; its PEFT recipe raises NotImplementedError) and, for Qwen3.5, the SFT / PEFT
+# recipes of the vision-language checkpoints (recipes/qwen_vl/h100/qwen35_vl.py; Bridge has text-only Qwen3.5
+# recipes for pretraining only), whose parallelism the language model keeps here, as for Gemma 3 above. Bridge's
+# recipes set one multi-token-prediction layer (mtp_num_layers 1); here it comes from the checkpoint's config.json
+# (Bridge maps mtp_num_hidden_layers / num_nextn_predict_layers to it), as for every preset.
+# Bridge's Qwen3-Next recipe does not pack ("Packed sequence is NOT supported"; 64 samples a step, unpacked), yet
+# megatron-core 0.19's GatedDeltaNet takes packed THD batches (ssm/gated_delta_net/gdn.py: cu_seqlens): these presets
+# pack, as every preset does (packed == unpacked is tested per family in tests/test_families.py).
+# Qwen3.5 checkpoints are published as Qwen3_5(Moe)ForConditionalGeneration: give these presets a text-only
+# Qwen3_5(Moe)ForCausalLM directory (model_type qwen3_5_text / qwen3_5_moe_text).
+
+
+def qwen3_next_80b_a3b(hf_path: str = "Qwen/Qwen3-Next-80B-A3B-Instruct", data=None, **overrides):
+    """Qwen3-Next-80B-A3B (48 layers, 3 gated-DeltaNet per gated-attention layer; 512 experts, top-10, a shared
+    expert): PP=2 x EP=8 (16 GPUs), seq 2048, global batch 64. No LoRA preset: Bridge 0.6.2 has no PEFT recipe
+    for Qwen3-Next."""
+    if overrides.get("peft") == "lora":
+        raise ValueError("qwen3_next_80b_a3b has no LoRA preset: Megatron-Bridge 0.6.2's Qwen3-Next PEFT recipe "
+                         "refuses PEFT (NotImplementedError); train it in full (drop peft=lora), or run the generic "
+                         "recipe `bridge-sft train sft hf_path=... peft=lora` with parallelism of your own")
+    return _preset(hf_path, data, overrides, seq_length=2048, pipeline_parallel=2, expert_parallel=8,
+                   global_batch_size=64)
+
+
+def qwen35_27b(hf_path: str = "Qwen/Qwen3.5-27B", data=None, **overrides):
+    """Qwen3.5-27B language model (64 layers, 3 gated-DeltaNet per gated-attention layer): TP=4 x PP=4 (16 GPUs),
+    seq 4096, packed global batch 32. LoRA: TP=2 (2 GPUs), rank 32 / alpha 32 on attention and MLP."""
+    if overrides.get("peft") == "lora":
+        overrides = {"tensor_parallel": 2, "pipeline_parallel": 1, **overrides}
+    return _preset(hf_path, data, overrides, seq_length=4096, tensor_parallel=4, pipeline_parallel=4,
+                   global_batch_size=32)
+
+
+def qwen35_35b_a3b(hf_path: str = "Qwen/Qwen3.5-35B-A3B", data=None, **overrides):
+    """Qwen3.5-35B-A3B language model (40 layers, 3 gated-DeltaNet per gated-attention layer; 256 experts, top-8,
+    a shared expert): TP=2 (sequence parallel) x EP=16 (16 GPUs), seq 4096, packed global batch 32, lr 2e-5.
+    LoRA: TP=2 (sequence parallel) x EP=4 (4 GPUs), lr 2e-4, rank 32 / alpha 32 on attention and MLP (experts
+    adapted)."""
+    lora = {"tensor_parallel": 2, "sequence_parallel": True, "expert_parallel": 4, "lr": 2e-4}
+    return _moe_preset(hf_path, data, overrides, lora, seq_length=4096, tensor_parallel=2, sequence_parallel=True,
+                       expert_parallel=16, global_batch_size=32, lr=2e-5)
+
+
+GATED_DELTANET_PRESETS = {fn.__name__: fn for fn in (qwen3_next_80b_a3b, qwen35_27b, qwen35_35b_a3b)}
+PRESETS.update(GATED_DELTANET_PRESETS)
