@@ -112,12 +112,14 @@ def each_alone(inputs, lengths, l2norm=False):
     return torch.cat(outs, dim=1), torch.cat(finals)
 
 
-@pytest.mark.parametrize("initial, l2norm", [(False, False), (True, True)], ids=["zero-state", "initial-state-l2norm"])
-def test_packed_rule_equals_each_sequence_alone_with_its_final_state(initial, l2norm):
-    inputs = packed_inputs(initial=initial, unit_keys=not l2norm)
-    got = ours(inputs, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS), use_qk_l2norm_in_kernel=l2norm)
-    assert got[1].shape == (len(PACKED_LENGTHS), 2, 16, 12)
-    assert_same_and_same_gradient(got, each_alone(inputs, PACKED_LENGTHS, l2norm), inputs)
+@pytest.mark.parametrize("lengths, initial, l2norm", [(PACKED_LENGTHS, False, False), (PACKED_LENGTHS, True, True),
+                                                     ([5, 0, 70], True, False)],
+                         ids=["zero-state", "initial-state-l2norm", "empty-sequence-keeps-its-initial-state"])
+def test_packed_rule_equals_each_sequence_alone_with_its_final_state(lengths, initial, l2norm):
+    inputs = packed_inputs(lengths, initial=initial, unit_keys=not l2norm)
+    got = ours(inputs, cu_seqlens=cu_seqlens_of(lengths), use_qk_l2norm_in_kernel=l2norm)
+    assert got[1].shape == (len(lengths), 2, 16, 12)
+    assert_same_and_same_gradient(got, each_alone(inputs, lengths, l2norm), inputs)
 
 
 def test_no_state_crosses_a_packed_sequence_boundary():
@@ -148,7 +150,7 @@ def test_custom_scale_and_bf16_in_bf16_out():
     out, _ = ours(inputs, scale=0.3)
     # HF's references fix scale = dk ** -0.5: the same rule with scale 0.3 is theirs on q * 0.3 * sqrt(dk).
     want, _ = hf_recurrent(inputs["q"] * (0.3 * dk ** 0.5), *(inputs[n] for n in KEYS[1:]), None, False)
-    assert_close(out, want)
+    assert_same_and_same_gradient((out,), (want,), inputs)
     low = {n: t.detach().to(torch.bfloat16) for n, t in inputs.items()}
     out, final = ours(low)
     want, want_final = hf(hf_recurrent, low)  # fp32 inside, bf16 out
