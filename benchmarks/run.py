@@ -17,6 +17,7 @@ never two training processes at a time. What the default run does:
 | useful-token efficiency | ``benchmarks/token_efficiency.py`` | full: bundled + full ChatterBot, and long versions |
 | step overhead | ``benchmarks/step_overhead.py`` | 2 processes x 48 interleaved iterations |
 | model families | ``benchmarks/families.py`` | ``quick``: 4 rotating rounds over every tiny family |
+| gated DeltaNet kernels | ``benchmarks/gated_delta.py`` | ``quick``: seq 1,024, 8 heads of 128, 2 rounds |
 | dynamic padding | ``benchmarks/dynamic_padding.py`` | ``quick``: bundled data, 40 interleaved iterations |
 | validation | ``benchmarks/validation.py`` | ``quick``: 3 training processes of 6 iterations |
 | eval generation | ``benchmarks/eval_generation.py`` | ``quick``: tiny Llama, 24 prompts, 2 rounds |
@@ -58,6 +59,7 @@ BENCHMARKS: dict[str, tuple[str, dict, dict]] = {
     "token_efficiency": ("benchmarks.token_efficiency", {"quick": False}, {"quick": False}),
     "step_overhead": ("benchmarks.step_overhead", {"quick": True, "repeats": 2, "iters": 48}, {"quick": False}),
     "families": ("benchmarks.families", {"quick": True}, {"quick": False}),
+    "gated_delta": ("benchmarks.gated_delta", {"quick": True}, {"quick": False}),
     "dynamic_padding": ("benchmarks.dynamic_padding", {"quick": True}, {"quick": False}),
     "validation": ("benchmarks.validation", {"quick": True}, {"quick": False}),
     "eval_generation": ("benchmarks.eval_generation", {"quick": True}, {"quick": False}),
@@ -201,6 +203,20 @@ def _summary_dynamic_padding(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _summary_gated_delta(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        shape = f"{r['heads']} heads of {r['head_dim']}" if r["heads"] else r["head_dim"]
+        what = f"{r['what']}, seq {r['tokens']}, {shape}"
+        if "ratio_recurrence_vs_ours" in r:
+            out.append(_line("gated DeltaNet", f"{what}: CPU time", "plain-torch stand-in", "per-token loop",
+                             r["ratio_recurrence_vs_ours"], "loop / ours (>1: ours is faster)"))
+        if "ratio_hf_chunked_vs_ours" in r:
+            out.append(_line("gated DeltaNet", f"{what}: CPU time", "plain-torch stand-in", "HF chunked torch path",
+                             r["ratio_hf_chunked_vs_ours"], "HF chunked / ours (>1: ours is faster)"))
+    return out
+
+
 def _summary_validation(rows: list[dict]) -> list[dict]:
     return [_line("validation", f"seconds per evaluation, {r['variant']} ({r['supervised tokens per evaluation']:,.0f} "
                   f"supervised tokens; loss spread at lr 0: {r['loss spread at lr 0']:.2g})",
@@ -220,6 +236,7 @@ SUMMARIES = {
     "validation": _summary_validation,
     "eval_generation": _summary_eval_generation,
     "families": _summary_families,
+    "gated_delta": _summary_gated_delta,
     "loss_path": _summary_loss_path,
     "data_preprocessing": _summary_data_preprocessing,
     "packing_efficiency": _summary_packing_efficiency,

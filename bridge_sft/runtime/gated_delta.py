@@ -49,6 +49,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if initial_state is not None:
         raise NotImplementedError("causal_conv1d: bridge_sft's plain-torch stand-in for fla takes no "
                                   "initial_state (training starts every sequence from zero)")
+    bounds = _bounds(x, cu_seqlens)  # checks cu_seqlens covers x's tokens, as chunk_gated_delta_rule does
     y = _causal_conv1d_bdl(x.transpose(1, 2), weight, bias, cu_seqlens=cu_seqlens,
                            activation=activation).transpose(1, 2)
     if residual is not None:
@@ -56,8 +57,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     final = None
     if output_final_state:
         width = weight.shape[-1]
-        rows = x.new_zeros(len(_bounds(x, cu_seqlens)), x.shape[-1], width)
-        for i, (start, end) in enumerate(_bounds(x, cu_seqlens)):
+        rows = x.new_zeros(len(bounds), x.shape[-1], width)
+        for i, (start, end) in enumerate(bounds):
             take = min(width, end - start)
             seq = x[0] if cu_seqlens is not None else x[i]
             if take:
