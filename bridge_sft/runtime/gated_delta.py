@@ -110,13 +110,18 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         slots = torch.arange(lengths[0], device=q.device)
         starts = {0: slice(None)}
 
-    def lay_out(x: torch.Tensor) -> torch.Tensor:  # [b, t, h, ...] -> [b, h, row_len, ...] fp32
-        rows = x.float().new_zeros((x.shape[0], row_len) + x.shape[2:]).index_copy(1, slots, x.float())
-        return rows.transpose(1, 2)
+    unpadded = row_len == q.shape[1]  # then slots are 0, 1, ..., t - 1
+
+    def lay_out(x: torch.Tensor) -> torch.Tensor:  # [b, t, h, ...] -> [b, h, row_len, ...] fp32, contiguous
+        x = x.float().transpose(1, 2)
+        if unpadded:
+            return x.contiguous()
+        return x.new_zeros(x.shape[:2] + (row_len,) + x.shape[3:]).index_copy_(2, slots, x)  # one pass over x
 
     o, finals = _chunk_scan(lay_out(q) * scale, lay_out(k), lay_out(v), lay_out(g), lay_out(beta),
                             chunk_size, starts, initial_state)
-    o = o.transpose(1, 2).index_select(1, slots).to(v.dtype)
+    o = o.transpose(1, 2)
+    o = (o.contiguous() if unpadded else o.index_select(1, slots)).to(v.dtype)
     if not output_final_state:
         return o, None
     if packed:  # an empty sequence keeps its initial state
