@@ -60,6 +60,17 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float 
     return _run(cmd, _env(max(1, CORES // nproc)), timeout, check)
 
 
+def python_facts(code: str, timeout: float = 300) -> dict:
+    """Run ``python -c code`` in a fresh process (the repository importable); return the JSON it prints after
+    ``FACTS `` on one line."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("FACTS ", 1)[1].splitlines()[0])
+
+
 def run_spec(driver: str, tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> dict:
     """Write ``spec`` (plus ``out``) to JSON, run ``driver SPEC`` (under torchrun if ``nproc > 1``), and
     return the JSON the driver wrote to ``spec["out"]``."""

@@ -3,11 +3,6 @@ references: HF Qwen3-Next's per-token ``torch_recurrent_gated_delta_rule`` and i
 ``torch_chunk_gated_delta_rule``, torch's ``F.conv1d`` per sequence, and each packed sequence run alone.
 Forward and gradient within 1e-5 (relative to the reference's largest value) in fp32. No Bridge: fast."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,11 +250,8 @@ print("FACTS", json.dumps({
 def test_fla_kernels_are_served_to_megatrons_gated_delta_net_only():
     """Without fla, megatron-core's GatedDeltaNet module gets bridge_sft.runtime.gated_delta; no other module
     sees an ``fla`` package."""
-    from launch import REPO
+    from launch import python_facts
 
-    proc = subprocess.run([sys.executable, "-c", SERVING_FACTS], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    facts = json.loads(proc.stdout.split("FACTS ", 1)[1].splitlines()[0])
+    facts = python_facts(SERVING_FACTS)
     assert facts == {"have_fla": True, "rule_is_ours": True, "conv_is_ours": True, "l2norm_is_ours": True,
                      "importable_elsewhere": False, "in_sys_modules": []}, facts

@@ -244,16 +244,8 @@ print("FACTS", json.dumps({
 def test_mamba_kernels_are_served_to_megatrons_mixer_only():
     """Without mamba_ssm / causal_conv1d, megatron-core's MambaMixer (and the version checks in
     megatron.core.utils) get bridge_sft.runtime.mamba; no other module sees those packages."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from launch import python_facts
 
-    from launch import REPO
-
-    proc = subprocess.run([sys.executable, "-c", SERVING_FACTS], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    facts = json.loads(proc.stdout.split("FACTS ", 1)[1].splitlines()[0])
+    facts = python_facts(SERVING_FACTS)
     assert facts == {"have_mamba_ssm": True, "scan_is_ours": True, "conv_is_ours": True, "norm_is_ours": True,
                      "packing_supported": True, "importable_elsewhere": False, "in_sys_modules": []}, facts
