@@ -125,6 +125,17 @@ def wrong_division(run, samples) -> float:
     return sum(means) / 2
 
 
+def dense_cp2_vs_one_process(hf, tmp_path):
+    """One training process and a CP=2 one over the same unpacked (iteration 1) and packed (iteration 2)
+    micro-batches of ``hf``, gradients recorded: ``(single, parallel, compare_runs errors)``."""
+    schedule = [("unpacked", {"step": "ours", "grads": True}), ("packed", {"step": "ours", "grads": True})]
+    single = cp_run(tmp_path, "cp1", hf, schedule)
+    parallel = cp_run(tmp_path, "cp2", hf, schedule, nproc=2, cp=2)
+    errors = compare_runs(single, parallel, (1, 2))
+    print(f"{hf.name} CP2 vs 1 process:", errors)
+    return single, parallel, errors
+
+
 @pytest.mark.slow
 def test_cp2_reproduces_one_process_dense_sliding_window(tiny_models, tmp_path):
     """Gemma 3 (sliding-window and global layers, window 16 = a CP chunk) through finetune() and our forward
@@ -134,11 +145,7 @@ def test_cp2_reproduces_one_process_dense_sliding_window(tiny_models, tmp_path):
     shards hold 49 and 2 supervised tokens, so a rank dividing by its own count would move the gradients by
     tens of percent (and the lm loss by more than 10x the tolerance)."""
     hf = tiny_models["gemma3"]
-    schedule = [("unpacked", {"step": "ours", "grads": True}), ("packed", {"step": "ours", "grads": True})]
-    single = cp_run(tmp_path, "gemma3_cp1", hf, schedule)
-    parallel = cp_run(tmp_path, "gemma3_cp2", hf, schedule, nproc=2, cp=2)
-    errors = compare_runs(single, parallel, (1, 2))
-    print("gemma3 CP2 vs 1 process:", errors)
+    single, parallel, errors = dense_cp2_vs_one_process(hf, tmp_path)
     assert errors["per_token"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grad"] <= 1e-5, errors
     # Each CP rank's loss function returns its own shard's count; megatron sums them over DP x CP.
     counts = [mb["num_tokens"] for mb in parallel[0]["per_token"][:4]]
@@ -157,12 +164,7 @@ def test_cp2_reproduces_one_process_gated_deltanet(tiny_models, tmp_path):
     within 1e-6 of the largest gradient entry. (Per parameter, the DeltaNet gates' A_log and dt_bias gradients are
     1e-7 to 1e-5 at initialisation, 1e-5 of the largest, and their fp32 sums in another order differ by up to 1e-4
     of themselves.)"""
-    hf = tiny_models["qwen3_5"]
-    schedule = [("unpacked", {"step": "ours", "grads": True}), ("packed", {"step": "ours", "grads": True})]
-    single = cp_run(tmp_path, "qwen3_5_cp1", hf, schedule)
-    parallel = cp_run(tmp_path, "qwen3_5_cp2", hf, schedule, nproc=2, cp=2)
-    errors = compare_runs(single, parallel, (1, 2))
-    print("qwen3_5 CP2 vs 1 process:", errors)
+    single, _, errors = dense_cp2_vs_one_process(tiny_models["qwen3_5"], tmp_path)
     assert errors["per_token"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grad_of_largest"] <= 1e-6, errors
     assert errors["grad_params"] == len(single[1][1]), errors  # every parameter compared (no TP split)
 
