@@ -56,7 +56,7 @@ def _tiny_multimodal(architecture: str, out):
 
     config_class, family, style, vision, extra = _MULTIMODAL[architecture]
     tokenizer = build_tiny_tokenizer(style)
-    vocab = len(tokenizer) + 8  # room for the image/video/audio tokens
+    vocab = len(tokenizer) + 128  # room for the image/video/audio tokens; a multiple of 128, as Bridge's Gemma 4 needs
     text = {**TINY_ARCHS[family][2](TinySizes()), "vocab_size": vocab, "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if family == "gemma4":
