@@ -12,9 +12,9 @@
   from HF, apply the run's LoRA, load the adapter weights from the checkpoint and
   let ``save_hf_pretrained`` merge them into the base weights (in fp32).
 
-- ``gemma3_text_only(hf_dir, out_dir)``: Gemma 3 4B/12B/27B are published as multimodal
-  ``Gemma3ForConditionalGeneration`` checkpoints; their language model, written as a
-  ``Gemma3ForCausalLM`` checkpoint, is what Bridge's GPT path (and bridge-sft) trains.
+- ``text_only(hf_dir, out_dir)``: Gemma 3 4B/12B/27B, Gemma 4 and Qwen3.5 (dense and MoE) are
+  published as multimodal ``*ForConditionalGeneration`` checkpoints; their language model, written
+  as the family's ``*ForCausalLM`` checkpoint, is what Bridge's GPT path (and bridge-sft) trains.
 
 Training does not need ``import_hf``: ``checkpoint.pretrained_checkpoint`` may
 point at an HF directory directly. The CPU and a GPU without Transformer Engine
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bridge_sft import runtime
 from bridge_sft.models import megatron_provider
+from bridge_sft.multimodal import TEXT_ONLY_ARCHITECTURES
 
 import torch
 from megatron.bridge import AutoBridge
@@ -111,25 +112,45 @@ def _export_merged_lora(bridge, iteration_dir: Path, peft_config: dict, hf_dir, 
         bridge.save_hf_pretrained(model, str(hf_dir), show_progress=show_progress, merge_adapter_weights=True)
 
 
-def gemma3_text_only(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the language model of a ``Gemma3ForConditionalGeneration`` checkpoint (``hf_dir``: a directory
-    or hub id) to ``out_dir`` as a ``Gemma3ForCausalLM`` checkpoint: the text config, the language model's
-    weights unchanged (in their stored dtype), the tokenizer and its chat template. The vision tower and the
-    multimodal projector are left out."""
-    from transformers import AutoConfig, AutoTokenizer, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+# Qwen3.5's multi-token-prediction head (``mtp.*`` weights, ``text_config.mtp_num_hidden_layers``): HF's classes do
+# not load it, so the text-only checkpoint has no such weights and its config must not ask Bridge for MTP layers.
+_MTP_FIELDS = ("mtp_num_hidden_layers", "mtp_use_dedicated_embeddings")
+
+
+def text_only(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the language model of a multimodal checkpoint (``hf_dir``: a directory or hub id; its architecture a key
+    of ``TEXT_ONLY_ARCHITECTURES``) to ``out_dir`` as a checkpoint of the matching ``*ForCausalLM``: the text config
+    (``architectures`` set, the multimodal model's ``tie_word_embeddings``, which is what ties its ``lm_head``), the
+    language model's weights and ``lm_head`` unchanged (in their stored dtype), the generation config, the tokenizer
+    and its chat template. The vision (and audio) towers and their projectors are left out.
+
+    Qwen3.5's multi-token-prediction head is left out too, and ``mtp_num_hidden_layers`` is dropped from the config:
+    transformers does not load ``mtp.*`` weights, and a config that still asked for MTP layers would make
+    Megatron-Bridge 0.6.2 build them randomly initialised (it only warns; ``bridge_sft.models`` refuses such a
+    checkpoint). Qwen3.5's M-RoPE needs nothing: for text its three position rows are equal, which is the text
+    model's RoPE (tests/test_conversion.py checks the logits against the multimodal model's own positions)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(hf_dir))
-    if config.model_type != "gemma3":
-        raise ValueError(f"{hf_dir}: model_type {config.model_type!r} is not a multimodal Gemma 3 checkpoint "
-                         "(model_type 'gemma3', Gemma3ForConditionalGeneration); a text-only one needs no conversion.")
-    multimodal = Gemma3ForConditionalGeneration.from_pretrained(str(hf_dir), dtype="auto")
-    text_config = config.text_config
-    text_config.architectures = ["Gemma3ForCausalLM"]
+    architectures = [a for a in (config.architectures or ()) if a in TEXT_ONLY_ARCHITECTURES]
+    if not architectures:
+        raise ValueError(f"{hf_dir}: architecture {', '.join(config.architectures or ()) or '(none)'} is not one of "
+                         f"the multimodal checkpoints `convert text-only` converts ({', '.join(TEXT_ONLY_ARCHITECTURES)}"
+                         "); a text-only (*ForCausalLM) checkpoint needs no conversion.")
+    causal_lm = TEXT_ONLY_ARCHITECTURES[architectures[0]]
+    multimodal = getattr(transformers, architectures[0]).from_pretrained(str(hf_dir), dtype="auto")
+    text_config = config.get_text_config()
+    text_config.architectures = [causal_lm]
     text_config.tie_word_embeddings = config.tie_word_embeddings
+    for field in _MTP_FIELDS:
+        if field in text_config.__dict__:
+            delattr(text_config, field)
     with torch.device("meta"):  # no second copy of the weights
-        text = Gemma3ForCausalLM(text_config)
+        text = getattr(transformers, causal_lm)(text_config)
     text.model.load_state_dict(multimodal.model.language_model.state_dict(), assign=True)
     text.lm_head.weight = multimodal.lm_head.weight
+    text.generation_config = multimodal.generation_config
     text.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(str(hf_dir)).save_pretrained(out_dir)
     return Path(out_dir)

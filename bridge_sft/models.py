@@ -62,17 +62,48 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     return provider
 
 
-def multimodal_gemma3_message(hf_path: str, architectures) -> str | None:
-    """The one-line error for a multimodal Gemma 3 checkpoint (Bridge would build its vision-language
-    model), None for any other; local directories get it from ``check_hf_checkpoint``, hub ids here."""
-    if "Gemma3ForConditionalGeneration" not in (architectures or ()):
+def multimodal_message(hf_path: str, architectures) -> str | None:
+    """The one-line error for a multimodal checkpoint whose language model ``convert text-only`` writes (Bridge would
+    build its vision-language model), None for any other; local directories get it from ``check_hf_checkpoint``,
+    hub ids here."""
+    from bridge_sft.multimodal import TEXT_ONLY_ARCHITECTURES
+
+    multimodal = [a for a in (architectures or ()) if a in TEXT_ONLY_ARCHITECTURES]
+    if not multimodal:
         return None
-    return (f"hf_path={hf_path} is a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); bridge-sft "
-            f"trains its language model: run `bridge-sft convert text-only {hf_path} DIR` and use hf_path=DIR.")
+    return (f"hf_path={hf_path} is a multimodal checkpoint ({multimodal[0]}); bridge-sft trains its language model "
+            f"({TEXT_ONLY_ARCHITECTURES[multimodal[0]]}): run `bridge-sft convert text-only {hf_path} DIR` and use "
+            "hf_path=DIR.")
+
+
+def _mtp_without_weights_message(hf_path: str, hf_config) -> str | None:
+    """The one-line error for a local checkpoint whose config asks for multi-token-prediction layers
+    (``mtp_num_hidden_layers``: Qwen3.5, Qwen3-Next) but whose weights hold no ``mtp.*`` tensors (a text-only model
+    saved by transformers, which does not load them): Megatron-Bridge 0.6.2 builds the MTP layers anyway, randomly
+    initialised, and only logs "Can't find mtp... in hf_keys". None otherwise (hub ids are not checked)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    layers, path = getattr(hf_config, "mtp_num_hidden_layers", None), Path(hf_path)
+    if not layers or not path.is_dir():
+        return None
+    index = path / "model.safetensors.index.json"
+    keys = list(json.loads(index.read_text())["weight_map"]) if index.is_file() else []
+    for file in [] if keys else path.glob("*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            keys += weights.keys()
+    if any(key.startswith("mtp.") for key in keys):
+        return None
+    return (f"{hf_path}: config.json asks for {layers} multi-token-prediction layer(s) (mtp_num_hidden_layers) but "
+            "the checkpoint has no mtp.* weights, so Megatron-Bridge would train them from random values: remove "
+            "mtp_num_hidden_layers from config.json (`bridge-sft convert text-only` leaves it out).")
 
 
 def _check_hf_config(hf_path: str, hf_config) -> None:
-    message = multimodal_gemma3_message(hf_path, getattr(hf_config, "architectures", None))
+    message = multimodal_message(hf_path, getattr(hf_config, "architectures", None)) or \
+        _mtp_without_weights_message(hf_path, hf_config)
     if message:
         raise UnsupportedModelError(message)
     model_type = getattr(hf_config, "model_type", "")

