@@ -59,6 +59,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _no_experts_without_moe_layers(provider, hf_config)
     _exaone4_as_hf(provider, hf_config)
     _ernie45_as_hf(provider, hf_config)
+    _gemma4_moe_as_hf(provider, hf_config)
     return provider
 
 
@@ -438,3 +439,42 @@ def _ernie_topk_routing(logits, topk: int, expert_bias=None, precomputed_indices
     routing_probs = torch.zeros_like(logits).scatter(1, top, probs)
     routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
     return routing_probs, routing_map
+
+
+# --- 2026 families (issue 20): Gemma 4 MoE ---
+def _gemma4_moe_as_hf(provider, hf_config) -> None:
+    """Megatron-Bridge 0.6.2's Gemma 4 MoE provider (``Gemma4ModelProvider``, 26B-A4B) differs from the HF model:
+
+    - its layer spec is ``partial(_gemma4_block_spec, ...)``, a private name that a checkpoint records by import
+      path and Bridge then refuses to re-instantiate on export (``InstantiationException ... private target path
+      segments are not supported: ['_gemma4_block_spec']``; the public alias ``gemma4_block_spec`` is the same
+      function, recorded under the same name): use ``gemma4_moe_block_spec`` with the same arguments;
+    - it reads the RoPE bases with ``rope_theta_from_hf``, which prefers a top-level ``rope_theta`` (transformers
+      < 5) that HF's Gemma 4 ignores (it takes ``rope_parameters[layer_type]["rope_theta"]``): a config that
+      carries one gets its global layers rotated with the wrong base. Take both from ``rope_parameters``;
+    - global layers get ``num_global_key_value_heads`` k/v heads whatever ``attention_k_eq_v`` says, while HF uses
+      them only with ``attention_k_eq_v`` (``num_key_value_heads`` otherwise): loading such a checkpoint stops
+      with a shape error. Give the provider the head count HF's global attention has."""
+    from functools import partial
+
+    from megatron.bridge.models.gemma.gemma4_provider import Gemma4ModelProvider
+    from megatron.bridge.models.gemma.modeling_gemma4 import _gemma4_block_spec
+
+    if not isinstance(provider, Gemma4ModelProvider):
+        return
+    spec = provider.transformer_layer_spec
+    if isinstance(spec, partial) and spec.func is _gemma4_block_spec:
+        provider.transformer_layer_spec = partial(gemma4_moe_block_spec, *spec.args, **spec.keywords)
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    local, full = rope.get("sliding_attention", {}), rope.get("full_attention", {})
+    provider.rotary_base = (local.get("rope_theta", provider.rotary_base[0]),
+                            full.get("rope_theta", provider.rotary_base[1]))
+    if not provider.attention_k_eq_v:
+        provider.num_global_key_value_heads = hf_config.num_key_value_heads
+
+
+def gemma4_moe_block_spec(config, use_transformer_engine: bool = True, **kwargs):
+    """Bridge's ``_gemma4_block_spec`` under a public name (checkpoints record it by import path)."""
+    from megatron.bridge.models.gemma.modeling_gemma4 import _gemma4_block_spec
+
+    return _gemma4_block_spec(config, use_transformer_engine=use_transformer_engine, **kwargs)
