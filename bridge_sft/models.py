@@ -59,6 +59,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _no_experts_without_moe_layers(provider, hf_config)
     _exaone4_as_hf(provider, hf_config)
     _ernie45_as_hf(provider, hf_config)
+    _gemma4_moe_as_hf(provider, hf_config)
     return provider
 
 
@@ -116,6 +117,13 @@ def _check_hf_config(hf_path: str, hf_config) -> None:
             "scores each group by its top num_experts_per_tok // topk_group experts in Megatron but by its top 2 in "
             "HF; Megatron-Bridge 0.6.2 would train a different router (published DeepSeek-V3 has 8 // 4 = 2)."
         )
+    if model_type == "gemma4_text" and getattr(hf_config, "enable_moe_block", False):
+        layer_types = list(getattr(hf_config, "layer_types", None) or [])
+        if interleaved_window_pattern(layer_types) is None:
+            raise UnsupportedModelError(
+                f"{hf_path}: Gemma 4 MoE layer_types {layer_types} are not a repeating pattern of sliding-window "
+                "layers followed by one global layer, the only layout Megatron-Bridge 0.6.2's Gemma 4 MoE model "
+                "builds (google/gemma-4-26B-A4B: 5 sliding-window layers, then 1 global).")
     if model_type == "nemotron_h":
         _check_nemotron_h_mamba(hf_path, hf_config)
     if model_type == "falcon_h1":
@@ -224,13 +232,8 @@ def _follow_gemma3_layer_types(provider, hf_config) -> None:
     layer_types = getattr(hf_config, "layer_types", None)
     if not isinstance(provider, Gemma3ModelProvider) or not layer_types:
         return
-    local = [kind == "sliding_attention" for kind in layer_types]
-    period = local.index(False) + 1 if False in local else None
-    if period is None:  # no global layer within the model: any period longer than it
-        provider.interleaved_attn_pattern = (len(local), 1)
-        return
-    pattern = (period - 1, 1)
-    if any(local[i] != ((i + 1) % period != 0) for i in range(len(local))):
+    pattern = interleaved_window_pattern(layer_types)
+    if pattern is None:
         raise UnsupportedModelError(
             f"Gemma 3 layer_types {layer_types} are not a repeating pattern of sliding-window layers followed "
             "by one global layer, the only layout Megatron-Bridge 0.6.2's Gemma 3 model can build."
@@ -239,6 +242,17 @@ def _follow_gemma3_layer_types(provider, hf_config) -> None:
         logger.info("Gemma 3: %d sliding-window layer(s) per global layer, as the checkpoint's layer_types say",
                     pattern[0])
         provider.interleaved_attn_pattern = pattern
+
+
+def interleaved_window_pattern(layer_types) -> tuple[int, int] | None:
+    """``(k, 1)`` when ``layer_types`` repeat k sliding-window layers then one global layer (the last period may be
+    cut short; no global layer at all: ``(len(layer_types), 1)``), the only layouts Bridge's Gemma 3 and Gemma 4 MoE
+    models build (``interleaved_attn_pattern``: layer n, from 1, is global when n % (k + 1) == 0); None otherwise."""
+    local = [kind == "sliding_attention" for kind in layer_types]
+    period = local.index(False) + 1 if False in local else len(local) + 1
+    if any(local[i] != ((i + 1) % period != 0) for i in range(len(local))):
+        return None
+    return (period - 1, 1)
 
 
 # transformers 5.12's MLA attentions (deepseek_v2, deepseek_v3, deepseek_v32, glm4_moe_lite, glm_moe_dsa,
@@ -495,3 +509,48 @@ def _ernie_topk_routing(logits, topk: int, expert_bias=None, precomputed_indices
     routing_probs = torch.zeros_like(logits).scatter(1, top, probs)
     routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
     return routing_probs, routing_map
+
+
+# --- 2026 families (issue 20): Gemma 4 MoE ---
+def _gemma4_moe_as_hf(provider, hf_config) -> None:
+    """Megatron-Bridge 0.6.2's Gemma 4 MoE provider (``Gemma4ModelProvider``, 26B-A4B) differs from the HF model:
+
+    - its layer spec is ``partial(_gemma4_block_spec, ...)``, a private name that a checkpoint records by import
+      path and Bridge then refuses to re-instantiate on export (``InstantiationException ... private target path
+      segments are not supported: ['_gemma4_block_spec']``; the public alias ``gemma4_block_spec`` is the same
+      function, recorded under the same name): use ``gemma4_moe_block_spec`` with the same arguments;
+    - it reads the RoPE bases with ``rope_theta_from_hf``, which prefers a top-level ``rope_theta`` (transformers
+      < 5) that HF's Gemma 4 ignores (it takes ``rope_parameters[layer_type]["rope_theta"]``): a config that
+      carries one gets its global layers rotated with the wrong base. Take both from ``rope_parameters``;
+    - global layers get ``num_global_key_value_heads`` k/v heads whatever ``attention_k_eq_v`` says, while HF uses
+      them only with ``attention_k_eq_v`` (``num_key_value_heads`` otherwise): loading such a checkpoint stops
+      with a shape error. Give the provider the head count HF's global attention has;
+    - its ``interleaved_attn_pattern`` is read from the first run of layer types (``_infer_attn_pattern``): a model
+      of global layers only becomes ``(0, layers)``, which builds all but the last layer as sliding-window layers.
+      Set it from the whole of ``layer_types`` (``_check_hf_config`` refuses the layouts Bridge cannot build)."""
+    from functools import partial
+
+    from megatron.bridge.models.gemma.gemma4_provider import Gemma4ModelProvider
+    from megatron.bridge.models.gemma.modeling_gemma4 import _gemma4_block_spec
+
+    if not isinstance(provider, Gemma4ModelProvider):
+        return
+    spec = provider.transformer_layer_spec
+    if isinstance(spec, partial) and spec.func is _gemma4_block_spec:
+        provider.transformer_layer_spec = partial(gemma4_moe_block_spec, *spec.args, **spec.keywords)
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    local, full = rope.get("sliding_attention", {}), rope.get("full_attention", {})
+    provider.rotary_base = (local.get("rope_theta", provider.rotary_base[0]),
+                            full.get("rope_theta", provider.rotary_base[1]))
+    if not provider.attention_k_eq_v:
+        provider.num_global_key_value_heads = hf_config.num_key_value_heads
+    pattern = interleaved_window_pattern(getattr(hf_config, "layer_types", None) or [])
+    if pattern is not None:
+        provider.interleaved_attn_pattern = pattern
+
+
+def gemma4_moe_block_spec(config, use_transformer_engine: bool = True, **kwargs):
+    """Bridge's ``_gemma4_block_spec`` under a public name (checkpoints record it by import path)."""
+    from megatron.bridge.models.gemma.modeling_gemma4 import _gemma4_block_spec
+
+    return _gemma4_block_spec(config, use_transformer_engine=use_transformer_engine, **kwargs)

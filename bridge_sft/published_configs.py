@@ -242,7 +242,8 @@ TINY_SIZES = {
 
 # --- 2026 families (issue 20): EXAONE 4, ERNIE 4.5 MoE, MiniMax-M2 ---
 SIZE_FIELDS = SIZE_FIELDS | {"moe_num_experts", "moe_k", "moe_layer_end_index", "rotary_dim", "global_head_dim",
-                             "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers"}
+                             "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers",
+                             "top_k_experts"}
 
 PUBLISHED.update({
     # google/gemma-4-E4B-it config.json, text_config: per-layer inputs, the last 18 layers share k/v
@@ -256,6 +257,20 @@ PUBLISHED.update({
         final_logit_softcapping=30.0, hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144,
         num_kv_shared_layers=18, use_double_wide_mlp=False, attention_k_eq_v=False, enable_moe_block=False,
         attention_bias=False, tie_word_embeddings=True)),
+    # google/gemma-4-26B-A4B: the text_config transformers' convert_gemma4_weights.py writes for it (_VARIANTS
+    # "gemma-4-26b-a4b"; Gemma4TextConfig's defaults for head_dim, global_head_dim, activation, epsilon, vocabulary):
+    # every layer a shared MLP beside 8 of 128 experts; global layers with 2 k/v heads whose values are their keys
+    "gemma-4-26b-a4b": ("gemma4_moe", dict(
+        hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=262144, rms_norm_eps=1e-6, sliding_window=1024,
+        layer_types=_layer_types(6, 30),
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}},
+        final_logit_softcapping=30.0, hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+        enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+        use_bidirectional_attention="vision", attention_bias=False, tie_word_embeddings=True)),
     # LGAI-EXAONE/EXAONE-4.0-32B config.json: 3 sliding-window layers (RoPE) per global layer (no RoPE)
     "exaone-4.0-32b": ("exaone4", dict(
         hidden_size=5120, intermediate_size=27392, num_hidden_layers=64, num_attention_heads=40,
@@ -284,6 +299,9 @@ TINY_SIZES.update({
     "gemma-4-e4b": dict(num_hidden_layers=12, hidden_size=128, intermediate_size=512, num_attention_heads=4,
                         num_key_value_heads=1, head_dim=64, global_head_dim=128, layer_types=_layer_types(6, 12),
                         hidden_size_per_layer_input=16, vocab_size_per_layer_input=512, num_kv_shared_layers=5),
+    "gemma-4-26b-a4b": dict(num_hidden_layers=6, hidden_size=128, intermediate_size=96, moe_intermediate_size=32,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=16, global_head_dim=32,
+                            sliding_window=512, layer_types=_layer_types(6, 6), num_experts=16, top_k_experts=4),
     "exaone-4.0-32b": dict(num_hidden_layers=4, hidden_size=160, intermediate_size=856, num_attention_heads=10,
                            num_key_value_heads=2, head_dim=16, sliding_window=512, layer_types=_layer_types(4, 4)),
     "ernie-4.5-21b-a3b": dict(num_hidden_layers=3, hidden_size=160, intermediate_size=768, moe_intermediate_size=96,

@@ -557,6 +557,25 @@ TINY_ARCHS.update({
 MOE_ARCHS = MOE_ARCHS + ("qwen3_5_moe", "qwen3_next")
 
 
+def _gemma4_moe(s):
+    """Gemma 4 26B-A4B's layers at toy size (its published fields: bridge_sft.published_configs): every layer a dense
+    shared MLP 3x the experts' width (2112 = 3 x 704) beside routed experts (top 2 of 4 here, 8 of 128 there);
+    sliding-window and global layers, the global ones with heads twice as wide, fewer k/v heads (2 against 4 here,
+    2 against 8 there) and values equal to their keys (attention_k_eq_v); no per-layer inputs or shared k/v;
+    soft-capped logits."""
+    return {**_dense(s), "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "num_global_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32, "attention_k_eq_v": True,
+            "rms_norm_eps": 1e-6, "sliding_window": SLIDING_WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"] * 2, "hidden_activation": "gelu_pytorch_tanh",
+            "intermediate_size": 3 * s.moe_intermediate_size, "enable_moe_block": True, "num_experts": s.num_experts,
+            "top_k_experts": 2, "moe_intermediate_size": s.moe_intermediate_size, "hidden_size_per_layer_input": 0,
+            "num_kv_shared_layers": 0, "use_bidirectional_attention": "vision", "final_logit_softcapping": 30.0}
+
+
+TINY_ARCHS["gemma4_moe"] = ("Gemma4TextConfig", "gemma4", _gemma4_moe, True)
+MOE_ARCHS = MOE_ARCHS + ("gemma4_moe",)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "llama",
