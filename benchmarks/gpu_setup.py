@@ -72,7 +72,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from bridge_sft.tiny import LLAMA3_TEMPLATE
+    from bridge_sft.tiny_templates import LLAMA3_TEMPLATE
 
     spec = json.loads((llama_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < VOCAB]  # drops <|image|> (vision)
