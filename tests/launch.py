@@ -71,6 +71,19 @@ def python_facts(code: str, timeout: float = 300) -> dict:
     return json.loads(proc.stdout.split("FACTS ", 1)[1].splitlines()[0])
 
 
+def stand_in_facts(imports: str, facts: dict[str, str], packages: tuple[str, ...]) -> dict:
+    """In a fresh process that imported bridge_sft and ran ``imports``: each of ``facts`` (name -> Python
+    expression) evaluated, plus whether the first of ``packages`` (CUDA-only kernel packages served to some
+    megatron modules only) is importable by anyone else, and which of them ``sys.modules`` holds."""
+    lines = [f"    {name!r}: {expression}," for name, expression in facts.items()]
+    code = "\n".join(["import sys, json", "import bridge_sft", imports, "try:", f"    import {packages[0]}",
+                       "    importable = True", "except ImportError:", "    importable = False",
+                       "print('FACTS', json.dumps({", *lines, "    'importable_elsewhere': importable,",
+                       f"    'in_sys_modules': [m for m in sys.modules if m.split('.')[0] in {packages!r}],",
+                       "}))"])
+    return python_facts(code)
+
+
 def run_spec(driver: str, tmp_path: Path, name: str, spec: dict, nproc: int = 1) -> dict:
     """Write ``spec`` (plus ``out``) to JSON, run ``driver SPEC`` (under torchrun if ``nproc > 1``), and
     return the JSON the driver wrote to ``spec["out"]``."""

@@ -226,32 +226,16 @@ def test_bad_cu_seqlens_raise_one_clear_error(fn):
         call(*(a[:1] if a.dim() > 2 else a for a in args), cu_seqlens=torch.tensor([0, 4, 9]))
 
 
-SERVING_FACTS = """
-import sys, json
-import bridge_sft
-from megatron.core.ssm.gated_delta_net import common
-from bridge_sft.runtime import gated_delta
-try:
-    import fla  # noqa: F401  (this module is not served)
-    importable = True
-except ImportError:
-    importable = False
-print("FACTS", json.dumps({
-    "have_fla": common.HAVE_FLA,
-    "rule_is_ours": common.chunk_gated_delta_rule is gated_delta.chunk_gated_delta_rule,
-    "conv_is_ours": common.causal_conv1d is gated_delta.causal_conv1d,
-    "l2norm_is_ours": common.l2norm is gated_delta.l2norm,
-    "importable_elsewhere": importable,
-    "in_sys_modules": [m for m in sys.modules if m == "fla" or m.startswith("fla.")],
-}))
-"""
-
-
 def test_fla_kernels_are_served_to_megatrons_gated_delta_net_only():
     """Without fla, megatron-core's GatedDeltaNet module gets bridge_sft.runtime.gated_delta; no other module
     sees an ``fla`` package."""
-    from launch import python_facts
+    from launch import stand_in_facts
 
-    facts = python_facts(SERVING_FACTS)
+    facts = stand_in_facts(
+        "from megatron.core.ssm.gated_delta_net import common\nfrom bridge_sft.runtime import gated_delta",
+        {"have_fla": "common.HAVE_FLA",
+         "rule_is_ours": "common.chunk_gated_delta_rule is gated_delta.chunk_gated_delta_rule",
+         "conv_is_ours": "common.causal_conv1d is gated_delta.causal_conv1d",
+         "l2norm_is_ours": "common.l2norm is gated_delta.l2norm"}, ("fla",))
     assert facts == {"have_fla": True, "rule_is_ours": True, "conv_is_ours": True, "l2norm_is_ours": True,
                      "importable_elsewhere": False, "in_sys_modules": []}, facts

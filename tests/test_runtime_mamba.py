@@ -218,34 +218,19 @@ def test_gated_rms_norm_variants():
     assert not math.isnan(float(mamba.rms_norm_gated(torch.zeros(2, 16), w, group_size=8).sum()))
 
 
-SERVING_FACTS = """
-import sys, json
-import bridge_sft
-from megatron.core.ssm import mamba_mixer
-from megatron.core import utils
-from bridge_sft.runtime import mamba
-try:
-    import mamba_ssm  # noqa: F401  (this module is not served)
-    importable = True
-except ImportError:
-    importable = False
-print("FACTS", json.dumps({
-    "have_mamba_ssm": mamba_mixer.HAVE_MAMBA_SSM,
-    "scan_is_ours": mamba_mixer.mamba_split_conv1d_scan_combined is mamba.mamba_split_conv1d_scan_combined,
-    "conv_is_ours": mamba_mixer.causal_conv1d_fn is mamba.causal_conv1d_fn,
-    "norm_is_ours": issubclass(mamba_mixer.ExtendedRMSNorm, mamba.RMSNormGated),
-    "packing_supported": mamba_mixer._check_mamba_sequence_packing_support(for_inference_not_training=False)[0],
-    "importable_elsewhere": importable,
-    "in_sys_modules": [m for m in ("mamba_ssm", "causal_conv1d") if m in sys.modules],
-}))
-"""
-
-
 def test_mamba_kernels_are_served_to_megatrons_mixer_only():
     """Without mamba_ssm / causal_conv1d, megatron-core's MambaMixer (and the version checks in
     megatron.core.utils) get bridge_sft.runtime.mamba; no other module sees those packages."""
-    from launch import python_facts
+    from launch import stand_in_facts
 
-    facts = python_facts(SERVING_FACTS)
+    facts = stand_in_facts(
+        "from megatron.core.ssm import mamba_mixer\nfrom megatron.core import utils\nfrom bridge_sft.runtime import mamba",
+        {"have_mamba_ssm": "mamba_mixer.HAVE_MAMBA_SSM",
+         "scan_is_ours": "mamba_mixer.mamba_split_conv1d_scan_combined is mamba.mamba_split_conv1d_scan_combined",
+         "conv_is_ours": "mamba_mixer.causal_conv1d_fn is mamba.causal_conv1d_fn",
+         "norm_is_ours": "issubclass(mamba_mixer.ExtendedRMSNorm, mamba.RMSNormGated)",
+         "packing_supported":
+             "mamba_mixer._check_mamba_sequence_packing_support(for_inference_not_training=False)[0]"},
+        ("mamba_ssm", "causal_conv1d"))
     assert facts == {"have_mamba_ssm": True, "scan_is_ours": True, "conv_is_ours": True, "norm_is_ours": True,
                      "packing_supported": True, "importable_elsewhere": False, "in_sys_modules": []}, facts
