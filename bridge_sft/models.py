@@ -62,6 +62,7 @@ def megatron_provider(hf_path: str | AutoBridge, load_weights: bool = False):
     _exaone4_as_hf(provider, hf_config)
     _ernie45_as_hf(provider, hf_config)
     _gemma4_moe_as_hf(provider, hf_config)
+    _gemma4_unpadded_vocab(provider, hf_config)
     return provider
 
 
@@ -331,6 +332,18 @@ def _ernie_topk_routing(logits, topk: int, expert_bias=None, precomputed_indices
 
 
 # --- 2026 families (issue 20): Gemma 4 MoE ---
+def _gemma4_unpadded_vocab(provider, hf_config) -> None:
+    """Megatron-Bridge 0.6.2's dense Gemma 4 provider (``Gemma4DenseProvider.provide``) pads the embedding and output
+    layer to a multiple of 128 rows, which its weight mappings do not do: a vocabulary that is not a multiple of 128
+    stops the load with ``Shape mismatch for embedding.word_embeddings.weight``. Take Bridge's own rule for every other family instead
+    (the largest power of 2, up to 128, that divides the vocabulary: no padding). Published Gemma 4 (262,144) is
+    unchanged."""
+    if getattr(hf_config, "model_type", "") != "gemma4_text":
+        return
+    vocab = hf_config.vocab_size
+    provider.make_vocab_size_divisible_by = max(d for d in (1, 2, 4, 8, 16, 32, 64, 128) if vocab % d == 0)
+
+
 def _gemma4_moe_as_hf(provider, hf_config) -> None:
     """Megatron-Bridge 0.6.2's Gemma 4 MoE provider (``Gemma4ModelProvider``, 26B-A4B) differs from the HF model:
 

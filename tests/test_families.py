@@ -44,11 +44,15 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
     show it (0.02 measured with Bridge's layer keeping the pack from the mixer). Two Gemma 4 MoE layouts Bridge
     converts wrongly on its own ride along too: the tiny family, whose config carries a top-level ``rope_theta``
     that HF ignores and Bridge would rotate global layers with (0.41 off), and one of global layers only whose
-    values are not their keys (Bridge: shape errors)."""
+    values are not their keys (Bridge: shape errors); and a tiny dense Gemma 4 whose vocabulary (8 rows more) is
+    not a multiple of 128, which Bridge's dense Gemma 4 provider pads (shape error on load)."""
     models = [build_published_tiny_model(tmp_path / name, name) for name in PUBLISHED]
     leak_sentinel = build_tiny_model(tmp_path / "falcon_h1-tiny", "falcon_h1")
-    gemma4_moe = [build_tiny_model(tmp_path / "gemma4_moe-tiny", "gemma4_moe"),
-                  _gemma4_moe_global_only(tmp_path / "gemma4_moe-tiny", tmp_path / "gemma4_moe-global")]
+    moe = build_tiny_model(tmp_path / "gemma4_moe-tiny", "gemma4_moe")
+    dense = build_tiny_model(tmp_path / "gemma4-tiny", "gemma4")
+    gemma4 = [moe, _variant(moe, tmp_path / "gemma4_moe-global", attention_k_eq_v=False,
+                            layer_types=["full_attention"] * AutoConfig.from_pretrained(moe).num_hidden_layers),
+              _variant(dense, tmp_path / "gemma4-vocab", vocab_size=AutoConfig.from_pretrained(dense).vocab_size + 8)]
     for hf_dir in models:
         assert lost_fields(hf_dir.name, AutoConfig.from_pretrained(hf_dir)) == [], hf_dir.name
     regrouped = tmp_path / "deepseek-v3-topk4"
@@ -56,9 +60,9 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
     config = json.loads((regrouped / "config.json").read_text())
     (regrouped / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 4}))
     out = tmp_path / "parity.json"
-    run_python("family_parity.py", out, "--long", 1100, *models, regrouped, leak_sentinel, *gemma4_moe, timeout=1500)
+    run_python("family_parity.py", out, "--long", 1100, *models, regrouped, leak_sentinel, *gemma4, timeout=1500)
     results = json.loads(out.read_text())
-    for hf_dir in gemma4_moe:
+    for hf_dir in gemma4:
         r = results.pop(hf_dir.name)
         assert max(r.get(k, 1.0) for k in ("packed_vs_hf", "unpacked_vs_hf", "packed_vs_unpacked")) <= 1e-5, r
     assert results.pop(regrouped.name)["error"].startswith("UnsupportedModelError: "), results
@@ -76,16 +80,16 @@ def test_every_family_matches_hf_through_the_forward_step(tmp_path):
         assert len(r["lengths"]) == 2 and r["lengths"][1] > 1100 and r["lengths"][0] > 32, (name, r)
 
 
-def _gemma4_moe_global_only(tiny_dir, out):
-    """The tiny Gemma 4 MoE of ``tiny_dir`` with global layers only and no ``attention_k_eq_v`` (their own value
-    projections, ``num_key_value_heads`` k/v heads), new random weights."""
+def _variant(hf_dir, out, **fields):
+    """The model of ``hf_dir`` with config ``fields`` changed, new random weights, written to ``out``."""
     from transformers import AutoTokenizer
 
     from bridge_sft.tiny import _write_random_model
 
-    config = AutoConfig.from_pretrained(tiny_dir)
-    config.attention_k_eq_v, config.layer_types = False, ["full_attention"] * config.num_hidden_layers
-    return _write_random_model(config, AutoTokenizer.from_pretrained(tiny_dir), out, seed=0, randomise=True)
+    config = AutoConfig.from_pretrained(hf_dir)
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return _write_random_model(config, AutoTokenizer.from_pretrained(hf_dir), out, seed=0, randomise=True)
 
 
 @pytest.mark.slow
