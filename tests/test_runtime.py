@@ -46,9 +46,11 @@ def test_importing_bridge_sft_installs_only_the_gate_which_acts_on_the_first_meg
 
 def test_auto_mode_is_a_no_op_on_a_gpu_host_with_transformer_engine(tmp_path):
     # The test machine has no GPU: the driver replaces torch.cuda.is_available by `lambda: True`,
-    # and fake packages make Transformer Engine, nvidia-resiliency-ext and the Mamba kernels look installed
-    # (never imported: the driver stops before megatron would import them).
-    pythonpath = fake_packages(tmp_path, "transformer_engine", "nvidia_resiliency_ext", "mamba_ssm", "causal_conv1d")
+    # and fake packages make Transformer Engine, nvidia-resiliency-ext and the kernel packages look installed
+    # (never imported: the driver stops before megatron would import them). Every package of no_te.SERVED_KERNELS.
+    from bridge_sft.runtime.no_te import SERVED_KERNELS
+
+    pythonpath = fake_packages(tmp_path, "transformer_engine", "nvidia_resiliency_ext", *SERVED_KERNELS)
     env = {"PYTHONPATH": pythonpath}
     proc = subprocess.run([sys.executable, "-c", (
         "import torch; torch.cuda.is_available = lambda: True\n"
