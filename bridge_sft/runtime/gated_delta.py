@@ -18,15 +18,16 @@ a recurrence on ``S``. Packed sequences (``cu_seqlens``, batch 1) are laid out w
 whole number of chunks, so every chunk holds one sequence and the state restarts (from zero, or that
 sequence's ``initial_state``) at each sequence's first chunk: nothing of one sample reaches the next. Padding
 tokens have ``k = v = beta = 0`` and ``g = 0``, which leaves the state and every real output unchanged.
-The gradient is torch's autograd of the same operations.
+The gradient is torch's autograd of the same operations. (megatron-core's own torch path,
+``torch_chunk_gated_delta_rule`` for its deterministic mode, takes no ``cu_seqlens``, so it cannot train packed
+batches, and inverts each chunk's triangular matrix in a 64-step Python loop.)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from bridge_sft.runtime.mamba import causal_conv1d as _causal_conv1d_bdl
+from bridge_sft.runtime import mamba
 
 FLA_VERSION = "0.4.0"  # the fla API these stand-ins follow
 CHUNK_SIZE = 64
@@ -49,21 +50,16 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if initial_state is not None:
         raise NotImplementedError("causal_conv1d: bridge_sft's plain-torch stand-in for fla takes no "
                                   "initial_state (training starts every sequence from zero)")
-    bounds = _bounds(x, cu_seqlens)  # checks cu_seqlens covers x's tokens, as chunk_gated_delta_rule does
-    y = _causal_conv1d_bdl(x.transpose(1, 2), weight, bias, cu_seqlens=cu_seqlens,
-                           activation=activation).transpose(1, 2)
+    _bounds(x, cu_seqlens)  # checks cu_seqlens covers x's tokens, as chunk_gated_delta_rule does
+    y = mamba.causal_conv1d(x.transpose(1, 2), weight, bias, cu_seqlens=cu_seqlens,
+                            activation=activation).transpose(1, 2)
     if residual is not None:
         y = y + residual
     final = None
-    if output_final_state:
-        width = weight.shape[-1]
-        rows = x.new_zeros(len(bounds), x.shape[-1], width)
-        for i, (start, end) in enumerate(bounds):
-            take = min(width, end - start)
-            seq = x[0] if cu_seqlens is not None else x[i]
-            if take:
-                rows[i, :, width - take:] = seq[end - take:end].transpose(0, 1)
-        final = rows
+    if output_final_state:  # each sequence's last w inputs; an unpacked batch is b sequences of t tokens
+        b, t = x.shape[:2]
+        bounds = cu_seqlens if cu_seqlens is not None else torch.arange(0, (b + 1) * t, t)
+        final = mamba.causal_conv1d_varlen_states(x.reshape(b * t, -1), bounds, weight.shape[-1])
     return y, final
 
 
@@ -124,30 +120,19 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     o = (o.contiguous() if unpadded else o.index_select(1, slots)).to(v.dtype)
     if not output_final_state:
         return o, None
-    if packed:  # an empty sequence keeps its initial state
-        empty = initial_state.float() if initial_state is not None else q.new_zeros(
-            len(bounds), k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32)
-        final = torch.cat([finals[starts_index] if n else empty[i:i + 1]
-                           for i, (n, starts_index) in enumerate(zip(lengths, _running_index(lengths)))])
-    else:
-        final = finals[0]
-    return o, final
-
-
-def _running_index(lengths: list[int]) -> list[int]:
-    """For each sequence, its position among the non-empty ones (the order ``_chunk_scan`` emits states)."""
-    out, seen = [], 0
-    for n in lengths:
-        out.append(seen)
-        seen += bool(n)
-    return out
+    if not packed:
+        return o, finals[0][1]
+    finals = dict(finals)  # sequence -> its last state; an empty sequence keeps its initial state
+    empty = initial_state.float() if initial_state is not None else q.new_zeros(
+        len(bounds), k.shape[2], k.shape[3], v.shape[3], dtype=torch.float32)
+    return o, torch.cat([finals[i] if i in finals else empty[i:i + 1] for i in range(len(bounds))])
 
 
 def _chunk_scan(q, k, v, g, beta, chunk: int, starts: dict, initial_state):
     """The chunked gated delta rule on rows laid out by ``chunk_gated_delta_rule``: q, k ``[b, h, T, dk]``,
     v ``[b, h, T, dv]``, g, beta ``[b, h, T]``, fp32, q already scaled, T a multiple of ``chunk``. ``starts``
     maps the chunks where a sequence begins to the rows of ``initial_state`` it starts from. Returns
-    ``(o [b, h, T, dv], [the state at the end of each sequence, [rows, h, dk, dv]] in order)``."""
+    ``(o [b, h, T, dv], [(starts' value, the state at the end of that sequence [rows, h, dk, dv])] in order)``."""
     b, h, length, dk = k.shape
     dv = v.shape[-1]
     n = length // chunk
@@ -168,11 +153,11 @@ def _chunk_scan(q, k, v, g, beta, chunk: int, starts: dict, initial_state):
     q_from_start = q * g.exp().unsqueeze(-1)
     k_to_end = k * (g[..., -1:] - g).exp().unsqueeze(-1)
     chunk_decay = g[..., -1].exp()[..., None, None]
-    state, outs, finals = None, [], []
+    state, rows, outs, finals = None, None, [], []
     for c in range(n):
         if c in starts:
             if state is not None:
-                finals.append(state)
+                finals.append((rows, state))
             rows = starts[c]
             state = (initial_state[rows].float() if initial_state is not None
                      else q.new_zeros(b, h, dk, dv))
@@ -181,7 +166,7 @@ def _chunk_scan(q, k, v, g, beta, chunk: int, starts: dict, initial_state):
         v_new = u[:, :, c] - w[:, :, c] @ state
         outs.append(q_from_start[:, :, c] @ state + intra[:, :, c] @ v_new)
         state = state * chunk_decay[:, :, c] + k_to_end[:, :, c].transpose(-1, -2) @ v_new
-    finals.append(state)
+    finals.append((rows, state))
     return torch.stack(outs, dim=2).reshape(b, h, length, dv), finals
 
 
